@@ -1,4 +1,4 @@
-"""edge_common.config: defaults < file < environment < flags, typed, with errors a person can act on."""
+"""edge_common.config: defaults < file < environment < flags, typed, with actionable errors."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def test_load_exits_with_usage_error_on_bad_flag_value(capsys: pytest.CaptureFix
 
 def test_reference_table_lists_every_option_and_hides_secret_defaults() -> None:
     table = markdown_table(Opts, "T_")
-    for name in ("endpoint", "workers", "ratio", "debug", "mode", "vgs", "labels", "group", "token"):
+    names = ("endpoint", "workers", "ratio", "debug", "mode", "vgs", "labels", "group", "token")
+    for name in names:
         assert f"`{name}`" in table
     assert "`T_WORKERS`" in table and "`--socket-group`" not in table
     assert "all|controller" in table

@@ -1,0 +1,89 @@
+"""LVM errors: exit code and stderr kept, classified by exit code AND message.
+
+LVM's exit code 5 (ECMD_FAILED) is generic: it means "not found" only when the message says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+#: Exit code lvm uses for almost every failure of a command that did run.
+ECMD_FAILED = 5
+
+_NOT_FOUND = re.compile(
+    r"Volume group \"[^\"]*\" not found"
+    r"|Failed to find logical volume"
+    r"|Existing logical volume \"[^\"]*\" not found"
+    r"|Failed to find physical volume"
+)
+_NO_SPACE = re.compile(
+    r"insufficient free space|insufficient suitable allocatable extents", re.IGNORECASE
+)
+_ALREADY_EXISTS = re.compile(r"already exists", re.IGNORECASE)
+
+
+class LvmError(Exception):
+    """An lvm command failed, or its output could not be understood.
+
+    exit_code is None when the command did not finish (timeout) or could not be started.
+    Unexpected output (bad JSON, missing fields) is an LvmError too: never read it as "absent".
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        exit_code: int | None,
+        stderr: str,
+        message: str | None = None,
+    ) -> None:
+        self.argv = tuple(argv)
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.message = message or describe(self.argv, exit_code, stderr)
+        super().__init__(self.message)
+
+    def is_not_found(self) -> bool:
+        """True only for exit code 5 with a not-found message (VG, LV or PV)."""
+        return self.exit_code == ECMD_FAILED and bool(_NOT_FOUND.search(self.stderr))
+
+    def is_no_space(self) -> bool:
+        return self.exit_code == ECMD_FAILED and bool(_NO_SPACE.search(self.stderr))
+
+    def is_already_exists(self) -> bool:
+        return self.exit_code == ECMD_FAILED and bool(_ALREADY_EXISTS.search(self.stderr))
+
+
+class LvmTimeout(LvmError):
+    """The command was killed on timeout: the state it left is UNKNOWN."""
+
+
+class LvmCommandNotFound(LvmError):
+    """The lvm executable (or the command prefix) does not exist on this host."""
+
+
+class LvmOutputError(LvmError):
+    """The command succeeded but its output is not what we expect (bad JSON, missing fields)."""
+
+
+def describe(argv: Sequence[str], exit_code: int | None, stderr: str) -> str:
+    """A one-line message: the (shortened) command, the exit code, the interesting stderr."""
+    cmd = " ".join(argv[:8]) + (" ..." if len(argv) > 8 else "")
+    detail = _interesting(stderr)
+    if exit_code is None:
+        return f"{cmd}: {detail}" if detail else cmd
+    return f"{cmd} exited {exit_code}: {detail}" if detail else f"{cmd} exited {exit_code}"
+
+
+def _interesting(stderr: str) -> str:
+    """stderr without lvm's routine warnings, to keep messages short and to the point."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    keep = [
+        line
+        for line in lines
+        if line
+        and not line.startswith("WARNING: Activation disabled")
+        and not line.startswith("WARNING: Skipping zeroing")
+        and "not zeroed" not in line
+    ]
+    return "; ".join(keep)[:2000]

@@ -1,0 +1,320 @@
+"""The ``awskms`` key backend: the root key is an AWS KMS symmetric key.
+
+``wrap``/``unwrap`` are KMS ``Encrypt``/``Decrypt`` with the context as EncryptionContext, so
+AWS itself refuses to unwrap under another context.  ``current_key`` is ``DescribeKey`` plus,
+where needed, ``ListKeyRotations``:
+
+* ``key_ref`` is the key ARN (an alias in ``key_id`` is resolved; if the alias is moved to
+  another key, ``key_ref`` changes);
+* ``version`` is ``m-<CurrentKeyMaterialId>`` when DescribeKey reports the current key
+  material (AWS does for symmetric keys since 2025), else ``r<n>-<ms>`` from
+  ListKeyRotations: the number of completed rotations and the latest rotation date in
+  milliseconds (``r0`` before the first rotation, and for keys in custom key stores, which
+  cannot rotate).  Both change on every rotation and never return to an earlier value.
+
+AWS keeps every key material of a key, so blobs wrapped before a rotation still unwrap;
+``unwrap`` pins ``KeyId`` to the blob's ``key_ref`` so a blob is never decrypted by a
+different key than the one it names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from kms_plugin.backends.awskms.breaker import CircuitBreaker
+from kms_plugin.backends.awskms.client import ClientSettings, KmsClient, aws_error_type
+from kms_plugin.backends.awskms.credentials import (
+    resolve_credentials,
+    resolve_endpoint,
+    resolve_region,
+)
+from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult
+from kms_plugin.backends.errors import (
+    BackendConfigError,
+    BackendError,
+    BackendUnavailable,
+    InvalidCiphertext,
+    KeyDisabled,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PLAINTEXT = 4096  # AWS KMS Encrypt limit
+MAX_CIPHERTEXT = 6144  # AWS KMS Decrypt CiphertextBlob limit
+_DISABLED_STATES = frozenset(
+    {"Disabled", "PendingDeletion", "PendingReplicaDeletion", "PendingImport"}
+)
+_ROTATION_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class AwsKmsOptions:
+    """The ``awskms`` backend section of the plugin config."""
+
+    key_id: str
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    credentials_file: str | None = None
+    profile: str | None = None
+    ca_bundle: str | None = None
+    connect_timeout: float = 1.0
+    request_timeout: float = 2.0
+    max_attempts: int = 3
+    retry_base_seconds: float = 0.05
+    retry_max_seconds: float = 1.0
+    breaker_failure_threshold: int = 5
+    breaker_reset_seconds: float = 10.0
+
+    def __repr__(self) -> str:  # never show secrets
+        shown = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("secret_access_key", "session_token")
+        }
+        return f"AwsKmsOptions({shown!r})"
+
+    @classmethod
+    def parse(cls, options: Mapping[str, object]) -> AwsKmsOptions:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise BackendConfigError(
+                f"unknown awskms option(s): {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        values: dict[str, Any] = {}
+        for name, raw in options.items():
+            if raw is None or raw == "":
+                continue
+            kind = known[name].type
+            try:
+                if kind in ("float", float):
+                    value: Any = float(raw)  # type: ignore[arg-type]
+                elif kind in ("int", int):
+                    if isinstance(raw, bool):
+                        raise ValueError(raw)
+                    value = int(raw)  # type: ignore[call-overload]
+                else:
+                    if not isinstance(raw, str):
+                        raise ValueError(raw)
+                    value = raw
+            except (TypeError, ValueError):
+                raise BackendConfigError(
+                    f"awskms option {name} has a bad value (expected {kind})"
+                ) from None
+            values[name] = value
+        if not values.get("key_id"):
+            raise BackendConfigError("awskms option key_id (key ARN, alias or id) is required")
+        parsed = cls(**values)
+        for name in ("connect_timeout", "request_timeout", "breaker_reset_seconds"):
+            if getattr(parsed, name) <= 0:
+                raise BackendConfigError(f"awskms option {name} must be positive")
+        for name in ("retry_base_seconds", "retry_max_seconds"):
+            if getattr(parsed, name) < 0:
+                raise BackendConfigError(f"awskms option {name} must not be negative")
+        if parsed.max_attempts < 1 or parsed.breaker_failure_threshold < 1:
+            raise BackendConfigError(
+                "awskms options max_attempts and breaker_failure_threshold must be >= 1"
+            )
+        return parsed
+
+
+class AwsKmsBackend(KeyBackend):
+    """Root key in AWS KMS (or anything speaking its JSON API: our fake, moto)."""
+
+    name: ClassVar[str] = "awskms"
+
+    def __init__(
+        self,
+        options: AwsKmsOptions,
+        *,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        environ: Mapping[str, str] = os.environ if env is None else env
+        self.options = options
+        self.region = resolve_region(options.region, options.key_id, environ)
+        self.endpoint = resolve_endpoint(options.endpoint_url, self.region, environ)
+        credentials = resolve_credentials(
+            access_key_id=options.access_key_id,
+            secret_access_key=options.secret_access_key,
+            session_token=options.session_token,
+            credentials_file=options.credentials_file,
+            profile=options.profile,
+            env=environ,
+        )
+        extra: dict[str, Any] = {} if clock is None else {"clock": clock}
+        self.breaker = CircuitBreaker(
+            options.breaker_failure_threshold, options.breaker_reset_seconds, **extra
+        )
+        self.client = KmsClient(
+            ClientSettings(
+                endpoint=self.endpoint,
+                region=self.region,
+                connect_timeout=options.connect_timeout,
+                request_timeout=options.request_timeout,
+                max_attempts=options.max_attempts,
+                retry_base_seconds=options.retry_base_seconds,
+                retry_max_seconds=options.retry_max_seconds,
+                ca_bundle=options.ca_bundle or environ.get("AWS_CA_BUNDLE") or None,
+            ),
+            credentials,
+            self.breaker,
+            **extra,
+        )
+        self.credentials_source = credentials.source
+        self._lock = threading.Lock()
+        self._current: RootKeyVersion | None = None
+        log.info(
+            "awskms backend configured",
+            extra={
+                "endpoint": self.endpoint,
+                "region": self.region,
+                "kms_key": options.key_id,
+                "credentials_source": credentials.source,
+            },
+        )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> AwsKmsBackend:
+        return cls(AwsKmsOptions.parse(options))
+
+    # -- KeyBackend -------------------------------------------------------------------------
+
+    def current_key(self, *, deadline: float | None = None) -> RootKeyVersion:
+        answer = self.client.call("DescribeKey", {"KeyId": self.options.key_id}, deadline=deadline)
+        meta = answer.get("KeyMetadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("Arn"), str):
+            raise BackendError("AWS KMS DescribeKey answer lacks KeyMetadata.Arn")
+        arn: str = meta["Arn"]
+        state = meta.get("KeyState")
+        if state in _DISABLED_STATES or (state is None and meta.get("Enabled") is False):
+            raise KeyDisabled(f"AWS KMS key {arn} is not usable: state {state or 'Disabled'}")
+        if state not in (None, "Enabled"):
+            raise BackendUnavailable(f"AWS KMS key {arn} is not usable now: state {state}")
+        usage = meta.get("KeyUsage") or "ENCRYPT_DECRYPT"
+        spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
+        if usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT":
+            raise BackendConfigError(
+                f"AWS KMS key {arn} must be a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT key "
+                f"(is {spec} {usage})"
+            )
+        material = meta.get("CurrentKeyMaterialId")
+        if isinstance(material, str) and material:
+            version = f"m-{material}"
+        else:
+            version = self._rotation_version(arn, deadline)
+        key = RootKeyVersion(key_ref=arn, version=version)
+        with self._lock:
+            if self._current != key:
+                log.info("awskms root key version", extra={"kms_key": arn, "key_version": version})
+            self._current = key
+        return key
+
+    def wrap(
+        self, plaintext: bytes, context: Mapping[str, str], *, deadline: float | None = None
+    ) -> WrapResult:
+        if not 1 <= len(plaintext) <= MAX_PLAINTEXT:
+            raise BackendError(f"AWS KMS can wrap 1..{MAX_PLAINTEXT} bytes")
+        with self._lock:
+            key = self._current
+        if key is None:
+            key = self.current_key(deadline=deadline)
+        payload: dict[str, Any] = {
+            "KeyId": key.key_ref,
+            "Plaintext": base64.b64encode(plaintext).decode("ascii"),
+        }
+        if context:
+            payload["EncryptionContext"] = _context(context)
+        answer = self.client.call("Encrypt", payload, deadline=deadline)
+        blob = _b64_field(answer, "CiphertextBlob", "Encrypt")
+        used = answer.get("KeyId")
+        if isinstance(used, str) and used != key.key_ref:
+            raise BackendError("AWS KMS Encrypt used another key than the one requested")
+        return WrapResult(ciphertext=blob, key=key)
+
+    def unwrap(
+        self,
+        ciphertext: bytes,
+        key: RootKeyVersion,
+        context: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+    ) -> bytes:
+        if not 1 <= len(ciphertext) <= MAX_CIPHERTEXT:
+            raise InvalidCiphertext("wrapped key has an impossible length for AWS KMS")
+        payload: dict[str, Any] = {
+            "KeyId": key.key_ref,
+            "CiphertextBlob": base64.b64encode(ciphertext).decode("ascii"),
+        }
+        if context:
+            payload["EncryptionContext"] = _context(context)
+        answer = self.client.call("Decrypt", payload, deadline=deadline)
+        used = answer.get("KeyId")
+        if isinstance(used, str) and used != key.key_ref:
+            raise InvalidCiphertext("AWS KMS Decrypt used another key than the one named")
+        return _b64_field(answer, "Plaintext", "Decrypt")
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _rotation_version(self, arn: str, deadline: float | None) -> str:
+        count = 0
+        latest_ms = 0
+        marker: str | None = None
+        while True:
+            payload: dict[str, Any] = {"KeyId": arn, "Limit": _ROTATION_PAGE}
+            if marker:
+                payload["Marker"] = marker
+            try:
+                answer = self.client.call("ListKeyRotations", payload, deadline=deadline)
+            except BackendError as exc:
+                if aws_error_type(exc) == "UnsupportedOperationException":
+                    return "r0"  # keys in custom key stores cannot rotate
+                raise
+            rotations = answer.get("Rotations") or []
+            if not isinstance(rotations, list):
+                raise BackendError("AWS KMS ListKeyRotations answer is malformed")
+            for rotation in rotations:
+                count += 1
+                when = rotation.get("RotationDate") if isinstance(rotation, dict) else None
+                if isinstance(when, int | float):
+                    latest_ms = max(latest_ms, round(float(when) * 1000))
+            next_marker = answer.get("NextMarker")
+            if not answer.get("Truncated") or not isinstance(next_marker, str):
+                break
+            marker = next_marker
+        return "r0" if count == 0 else f"r{count}-{latest_ms}"
+
+
+def _context(context: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in context.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            raise BackendError("encryption context keys and values must be strings")
+        out[k] = v
+    return out
+
+
+def _b64_field(answer: Mapping[str, Any], name: str, operation: str) -> bytes:
+    raw = answer.get(name)
+    if not isinstance(raw, str) or not raw:
+        raise BackendError(f"AWS KMS {operation} answer lacks {name}")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise BackendError(f"AWS KMS {operation} answer has a malformed {name}") from None
+
+
+__all__ = ["AwsKmsBackend", "AwsKmsOptions"]

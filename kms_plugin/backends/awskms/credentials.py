@@ -1,0 +1,208 @@
+"""AWS credentials and region: from options, the environment, or the shared credentials file.
+
+The order is the one the AWS SDKs use for the sources we support:
+
+1. explicit options (``access_key_id`` + ``secret_access_key`` [+ ``session_token``]);
+2. the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``);
+3. the shared credentials file (``credentials_file`` option, ``AWS_SHARED_CREDENTIALS_FILE``,
+   else ``~/.aws/credentials``), section ``profile`` (option, ``AWS_PROFILE``, else
+   ``default``).  The file is re-read when its modification time changes, so credentials
+   rotated on disk are picked up without a restart.
+
+Instance metadata, container credentials, SSO and web identity are not implemented.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kms_plugin.backends.errors import BackendConfigError, BackendError
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    """One set of AWS credentials.  The secret parts never appear in ``repr``."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    source: str = "options"
+
+
+class CredentialsProvider:
+    """Hands out the current credentials; thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        static: AwsCredentials | None = None,
+        credentials_file: Path | None = None,
+        profile: str = "default",
+    ) -> None:
+        if static is None and credentials_file is None:
+            raise BackendConfigError("a credentials provider needs credentials or a file")
+        self._static = static
+        self._file = credentials_file
+        self._profile = profile
+        self._lock = threading.Lock()
+        self._cached: AwsCredentials | None = None
+        self._cached_stamp: tuple[int, int] | None = None
+
+    @property
+    def source(self) -> str:
+        if self._static is not None:
+            return self._static.source
+        return f"file:{self._file} [{self._profile}]"
+
+    def get(self) -> AwsCredentials:
+        if self._static is not None:
+            return self._static
+        assert self._file is not None
+        try:
+            st = self._file.stat()
+        except OSError as exc:
+            raise BackendError(
+                f"AWS shared credentials file {self._file} unreadable: {exc.strerror}"
+            ) from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if self._cached is None or self._cached_stamp != stamp:
+                self._cached = read_credentials_file(self._file, self._profile)
+                self._cached_stamp = stamp
+            return self._cached
+
+
+def read_credentials_file(path: Path, profile: str) -> AwsCredentials:
+    """Read one profile of an AWS shared credentials file (INI format)."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise BackendConfigError(
+            f"AWS shared credentials file {path} unreadable: {exc.strerror}"
+        ) from None
+    except configparser.Error as exc:
+        # The parser's message may quote a line of the file (a secret): name the line only.
+        line = getattr(exc, "lineno", None)
+        where = f" (line {line})" if line else ""
+        raise BackendConfigError(
+            f"AWS shared credentials file {path} is malformed{where}"
+        ) from None
+    if not parser.has_section(profile):
+        raise BackendConfigError(f"profile {profile!r} not found in {path}")
+    section = parser[profile]
+    access = section.get("aws_access_key_id", "").strip()
+    secret = section.get("aws_secret_access_key", "").strip()
+    token = section.get("aws_session_token", "").strip() or None
+    if not access or not secret:
+        raise BackendConfigError(
+            f"profile {profile!r} in {path} lacks aws_access_key_id or aws_secret_access_key"
+        )
+    return AwsCredentials(access, secret, token, source=f"file:{path} [{profile}]")
+
+
+def default_credentials_file(env: Mapping[str, str]) -> Path:
+    explicit = env.get("AWS_SHARED_CREDENTIALS_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = env.get("HOME") or str(Path.home())
+    return Path(home) / ".aws" / "credentials"
+
+
+def resolve_credentials(
+    *,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    session_token: str | None,
+    credentials_file: str | None,
+    profile: str | None,
+    env: Mapping[str, str] | None = None,
+) -> CredentialsProvider:
+    """Pick the credentials source by the documented precedence."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if access_key_id or secret_access_key:
+        if not (access_key_id and secret_access_key):
+            raise BackendConfigError("access_key_id and secret_access_key must be given together")
+        return CredentialsProvider(
+            static=AwsCredentials(
+                access_key_id, secret_access_key, session_token or None, source="options"
+            )
+        )
+    # An explicitly chosen profile or file means "use the file", even if env keys exist.
+    if not profile and not credentials_file:
+        env_access = environ.get("AWS_ACCESS_KEY_ID")
+        env_secret = environ.get("AWS_SECRET_ACCESS_KEY")
+        if env_access or env_secret:
+            if not (env_access and env_secret):
+                raise BackendConfigError(
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together"
+                )
+            return CredentialsProvider(
+                static=AwsCredentials(
+                    env_access,
+                    env_secret,
+                    environ.get("AWS_SESSION_TOKEN") or None,
+                    source="environment",
+                )
+            )
+    path = (
+        Path(credentials_file).expanduser()
+        if credentials_file
+        else default_credentials_file(environ)
+    )
+    chosen_profile = profile or environ.get("AWS_PROFILE") or "default"
+    if not path.exists():
+        raise BackendConfigError(
+            "no AWS credentials: set access_key_id/secret_access_key, the AWS_ACCESS_KEY_ID/"
+            f"AWS_SECRET_ACCESS_KEY environment, or a shared credentials file ({path} missing)"
+        )
+    provider = CredentialsProvider(credentials_file=path, profile=chosen_profile)
+    provider.get()  # validate now: a wrong profile is a startup error, not a runtime one
+    return provider
+
+
+def resolve_region(region: str | None, key_id: str, env: Mapping[str, str] | None = None) -> str:
+    """Region from the option, ``AWS_REGION``, ``AWS_DEFAULT_REGION``, or the key ARN."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if region:
+        return region
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if environ.get(name):
+            return environ[name]
+    parts = key_id.split(":")
+    if key_id.startswith("arn:") and len(parts) >= 6 and parts[3]:
+        return parts[3]
+    raise BackendConfigError("no AWS region: set the region option, AWS_REGION, or use a key ARN")
+
+
+def resolve_endpoint(
+    endpoint_url: str | None, region: str, env: Mapping[str, str] | None = None
+) -> str:
+    """Endpoint from the option, ``AWS_ENDPOINT_URL_KMS``, ``AWS_ENDPOINT_URL``, or AWS's."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    for candidate in (
+        endpoint_url,
+        environ.get("AWS_ENDPOINT_URL_KMS"),
+        environ.get("AWS_ENDPOINT_URL"),
+    ):
+        if candidate:
+            return candidate
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://kms.{region}.{suffix}"
+
+
+__all__ = [
+    "AwsCredentials",
+    "CredentialsProvider",
+    "default_credentials_file",
+    "read_credentials_file",
+    "resolve_credentials",
+    "resolve_endpoint",
+    "resolve_region",
+]
