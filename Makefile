@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lint typecheck unit test test-kernel demo bench proto
+.PHONY: setup lint typecheck unit test test-kernel demo bench proto docs
 
 setup:
 	bash scripts/setup-host.sh
@@ -29,3 +29,6 @@ demo:
 
 bench:
 	$(PY) -m benchmarks.run_all
+
+docs:
+	$(PY) scripts/gen_docs.py

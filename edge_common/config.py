@@ -327,9 +327,15 @@ def markdown_table(cls: type, env_prefix: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in describe(cls, env_prefix):
-        default = f"`{row.default}`" if row.default != "" else ""
+        default = f"`{_cell(row.default)}`" if row.default != "" else ""
         env = f"`{row.env}`" if row.env else ""
         lines.append(
-            f"| `{row.name}` | `{row.flag}` | {env} | {row.type} | {default} | {row.help} |"
+            f"| `{row.name}` | `{row.flag}` | {env} | {_cell(row.type)} | {default} "
+            f"| {_cell(row.help)} |"
         )
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: a literal | would end the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")

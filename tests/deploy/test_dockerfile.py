@@ -1,0 +1,160 @@
+"""The Dockerfile, checked without a Docker engine: it parses, its stages hang together, every
+path it copies exists in the build context (and is not dropped by .dockerignore), every package
+the wheel needs is copied, and the commands it installs are the project's entry points."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+
+import pytest
+
+from tests.deploy.commands import is_ours
+from tests.deploy.dockerfile import (
+    DockerfileError,
+    ignore_patterns,
+    is_ignored,
+    parse,
+)
+from tests.deploy.manifests import ROOT, containers, pod_workloads
+
+DOCKERFILE = ROOT / "Dockerfile"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
+
+
+def patterns() -> list[tuple[bool, str]]:
+    return ignore_patterns((ROOT / ".dockerignore").read_text())
+
+
+def context_files(source: str) -> list[str]:
+    """The files a COPY source brings from the build context (after .dockerignore)."""
+    path = ROOT / source
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    rels = [str(p.relative_to(ROOT)) for p in files]
+    return [r for r in rels if not is_ignored(r, patterns())]
+
+
+# ------------------------------------------------------------------------------ the parser
+
+
+def test_parser_joins_continuations_and_drops_comments() -> None:
+    df = parse("# syntax=docker/dockerfile:1\nARG BASE=debian:bookworm-slim\n"
+               "FROM ${BASE} AS build\n# a comment\nRUN apt-get update \\\n"
+               "  # inside\n  && apt-get install -y lvm2\n"
+               "FROM build\nCOPY --from=build [\"/a b\", \"/c\"]\n")
+    assert df.directives == {"syntax": "docker/dockerfile:1"}
+    assert [s.image for s in df.stages] == ["debian:bookworm-slim", "build"]
+    assert df.stages[0].runs() == ["apt-get update && apt-get install -y lvm2"]
+    (copy,) = df.stages[1].copies()
+    assert copy.sources == ("/a b",) and copy.dest == "/c" and copy.from_stage == "build"
+
+
+@pytest.mark.parametrize("text", [
+    "RUN true\n",  # before FROM
+    "FROM x\nRUNN true\n",  # unknown instruction
+    "FROM x\nRUN a \\\n",  # ends in a continuation
+    "FROM x AS a\nFROM y AS a\n",  # duplicate stage name
+    "FROM ${NOPE}\n",  # undefined variable
+    "FROM x\nCOPY onlyone\n",  # no destination
+])
+def test_parser_rejects_broken_dockerfiles(text: str) -> None:
+    with pytest.raises(DockerfileError):
+        df = parse(text)
+        for stage in df.stages:
+            stage.copies()
+
+
+def test_dockerignore_matcher_follows_dockers_rules() -> None:
+    pats = ignore_patterns("# c\n.git\n**/__pycache__\n*.egg-info\nbuild\nedge_proto/csi\n"
+                           "docs\n!docs/keep.md\n")
+    assert is_ignored(".git/config", pats)
+    assert is_ignored("kms_plugin/backends/__pycache__/x.pyc", pats)
+    assert is_ignored("edge_proto/csi/v1/csi_pb2.py", pats)
+    assert not is_ignored("edge_proto/generate.py", pats)
+    assert not is_ignored("buildah/x", pats)
+    assert is_ignored("docs/a.md", pats) and not is_ignored("docs/keep.md", pats)
+
+
+# ------------------------------------------------------------------------------ the Dockerfile
+
+
+def test_dockerfile_is_multi_stage_on_slim_bookworm() -> None:
+    df = parse(DOCKERFILE.read_text())
+    assert len(df.stages) >= 2
+    for stage in df.stages:
+        assert re.search(r"slim-bookworm$|^debian:bookworm-slim", stage.image), stage.image
+    names = [s.name for s in df.stages]
+    assert len(set(names)) == len(names)
+
+
+def test_copy_from_names_an_earlier_stage() -> None:
+    df = parse(DOCKERFILE.read_text())
+    for n, stage in enumerate(df.stages):
+        earlier = {s.name for s in df.stages[:n]}
+        for copy in stage.copies():
+            if copy.from_stage is not None:
+                assert copy.from_stage in earlier, f"line {copy.line}: --from={copy.from_stage}"
+
+
+def test_every_copied_path_exists_in_the_build_context() -> None:
+    df = parse(DOCKERFILE.read_text())
+    for stage in df.stages:
+        for copy in stage.copies():
+            if copy.from_stage is not None:
+                continue
+            for source in copy.sources:
+                assert (ROOT / source).exists(), f"line {copy.line}: {source} does not exist"
+                assert not is_ignored(source, patterns()), (
+                    f"line {copy.line}: {source} is excluded by .dockerignore")
+                assert context_files(source), f"line {copy.line}: {source} brings no file"
+
+
+def test_build_stage_copies_every_package_the_wheel_contains_and_the_build_hook_needs() -> None:
+    df = parse(DOCKERFILE.read_text())
+    build = df.stages[0]
+    copied = {src.rstrip("/") for c in build.copies() if c.from_stage is None for src in c.sources}
+    includes = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in includes}
+    assert packages <= copied, f"not copied into the build stage: {packages - copied}"
+    assert {"pyproject.toml", "setup.py", "proto", PYPROJECT["project"]["readme"]} <= copied
+    shipped = set(context_files("edge_proto")) | set(context_files("proto"))
+    assert "edge_proto/generate.py" in shipped
+    assert any(f.endswith(".proto") for f in shipped)
+    assert not any(f.startswith(("edge_proto/csi/", "edge_proto/kms/")) for f in shipped), (
+        "generated stubs must be regenerated in the build, not copied")
+    assert any(re.search(r"\bpip wheel\b.*\s\.$", run) for run in build.runs())
+
+
+def test_runtime_stage_has_the_storage_tools_and_checks_every_command() -> None:
+    df = parse(DOCKERFILE.read_text())
+    runtime = df.stages[-1]
+    runs = " ".join(runtime.runs())
+    for package in ("lvm2", "e2fsprogs", "xfsprogs", "util-linux"):
+        assert re.search(rf"\b{re.escape(package)}\b", runs), package
+    for command in SCRIPTS:
+        assert f"{command} --version" in runs, f"the image build does not run {command}"
+    assert any(c.from_stage == df.stages[0].name for c in runtime.copies())
+
+
+def test_entry_points_exist_and_are_callable() -> None:
+    assert set(SCRIPTS) == {"csi-lvm", "node-resource-manager", "kms-plugin"}
+    for command, target in SCRIPTS.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), command
+
+
+def test_manifests_run_only_commands_the_image_installs() -> None:
+    from tests.deploy.manifests import KUBECTL, kustomization_dirs, render
+
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    for directory in kustomization_dirs():
+        for workload in pod_workloads(render(directory)):
+            for c in containers(workload):
+                if is_ours(c):
+                    assert c["command"][0] in SCRIPTS, c["command"]
+                elif c["image"].startswith("edge-node-services") or (
+                        "edge-node-services" in c["image"]):
+                    raise AssertionError(f"{c['name']} runs our image without a command")

@@ -1,0 +1,407 @@
+"""The facts that break a cluster when the storage manifests get them wrong, checked against the
+code: the driver name, the socket paths, mount propagation, flags, ports and images."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from csi_lvm.config import DEFAULT_DRIVER_NAME, CsiConfig, Mode
+from csi_lvm.params import check_snapshot_params, parse_volume_params
+from node_resource_manager.config import DEFAULT_GATE_KEY, NrmConfig
+from tests.deploy.commands import expanded_argv, is_ours, our_config
+from tests.deploy.manifests import (
+    DEPLOY,
+    ROOT,
+    Obj,
+    container,
+    containers,
+    find,
+    flag,
+    has_container,
+    has_flag,
+    kustomization_dirs,
+    one,
+    pod_spec,
+    pod_workloads,
+    rel,
+    render,
+    resolve,
+    unix_path,
+)
+
+KUBELET_DIR = "/var/lib/kubelet"
+REGISTRATION_DIR = "/var/lib/kubelet/plugins_registry"
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+STORAGE_DIRS = [d for d in kustomization_dirs() if d != DEPLOY / "kms" and d != DEPLOY / "examples"]
+
+
+def node_ds(objs: tuple[Obj, ...]) -> Obj:
+    return one(objs, "DaemonSet", "csi-lvm-node")
+
+
+def resizer(objs: tuple[Obj, ...]) -> Obj:
+    return one(objs, "Deployment", "csi-lvm-resizer")
+
+
+def nrm_default(name: str) -> object:
+    return NrmConfig.__dataclass_fields__[name].default
+
+
+# ------------------------------------------------------------------------------ driver name
+
+
+def test_driver_name_is_the_plugins_default_everywhere(base: tuple[Obj, ...]) -> None:
+    driver = one(base, "CSIDriver")["metadata"]["name"]
+    assert driver == DEFAULT_DRIVER_NAME
+    assert one(base, "StorageClass", "csi-local-lvm")["provisioner"] == DEFAULT_DRIVER_NAME
+    assert one(base, "VolumeSnapshotClass")["driver"] == DEFAULT_DRIVER_NAME
+    for workload in (node_ds(base), resizer(base)):
+        cfg = our_config(container(workload, "csi-lvm"))
+        assert cfg.driver_name == DEFAULT_DRIVER_NAME, "csi-lvm overrides --driver-name"
+
+
+def test_csi_driver_object_matches_a_local_volume_driver(base: tuple[Obj, ...]) -> None:
+    spec = one(base, "CSIDriver")["spec"]
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert spec["storageCapacity"] is True
+    assert spec["volumeLifecycleModes"] == ["Persistent"]
+
+
+def test_storage_class_is_wait_for_first_consumer_expandable_ext4(base: tuple[Obj, ...]) -> None:
+    sc = one(base, "StorageClass", "csi-local-lvm")
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert sc["allowVolumeExpansion"] is True
+    assert sc["parameters"]["csi.storage.k8s.io/fstype"] == "ext4"
+
+
+def test_storage_class_parameters_are_accepted_by_the_driver(base: tuple[Obj, ...]) -> None:
+    sc = one(base, "StorageClass", "csi-local-lvm")
+    cfg = CsiConfig(node_id="n")
+    # what external-provisioner passes with --extra-create-metadata, plus the class parameters
+    params = {**sc.get("parameters", {}), "csi.storage.k8s.io/pvc/name": "p",
+              "csi.storage.k8s.io/pvc/namespace": "default", "csi.storage.k8s.io/pv/name": "pv"}
+    parsed = parse_volume_params(
+        params, default_vg=cfg.default_vg, default_thin_pool=cfg.default_thin_pool,
+        default_wipe=cfg.delete_wipe.value, capability_fs_types=[], has_mount=True)
+    assert parsed.fs_type == "ext4"
+
+
+def test_volume_snapshot_class_parameters_are_accepted_by_the_driver(
+    base: tuple[Obj, ...],
+) -> None:
+    check_snapshot_params(one(base, "VolumeSnapshotClass").get("parameters", {}))
+
+
+def test_examples_use_the_storage_class_and_the_drivers_default_vg(kubectl: str) -> None:
+    objs = render(DEPLOY / "examples")
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "csi-local-lvm"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Mi"
+    deployment = one(objs, "Deployment")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod_spec(deployment)["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [pvc["metadata"]["name"]]
+    assert deployment["metadata"]["namespace"] == pvc["metadata"]["namespace"]
+    cm = one(objs, "ConfigMap", str(nrm_default("configmap_name")))
+    assert cm["metadata"]["namespace"] == nrm_default("configmap_namespace")
+    topology = yaml.safe_load(cm["data"][str(nrm_default("configmap_key"))])
+    entries = topology["volumegroup"] if isinstance(topology, dict) else topology
+    assert [e["name"] for e in entries] == [CsiConfig(node_id="n").default_vg]
+
+
+# ------------------------------------------------------------------------------ sockets
+
+
+def test_node_socket_paths_agree_between_plugin_sidecars_registrar_and_kubelet(
+    base: tuple[Obj, ...],
+) -> None:
+    ds = node_ds(base)
+    plugin = container(ds, "csi-lvm")
+    endpoint = unix_path(our_config(plugin).endpoint)
+    served = resolve(ds, plugin, endpoint)
+    assert served is not None and served.kind == "hostPath", "the socket is not on the host"
+    kubelet_plugin_dir = f"{KUBELET_DIR}/plugins/{DEFAULT_DRIVER_NAME}"
+    assert posixpath.dirname(served.where) == kubelet_plugin_dir
+    registrar = container(ds, "node-driver-registrar")
+    assert flag(registrar, "--kubelet-registration-path") == served.where
+    sidecars = [c for c in containers(ds) if has_flag(c, "--csi-address")]
+    assert {c["name"] for c in sidecars} >= {"csi-provisioner", "csi-snapshotter",
+                                             "node-driver-registrar", "livenessprobe"}
+    for c in sidecars:
+        address = flag(c, "--csi-address")
+        assert address is not None
+        seen = resolve(ds, c, address.removeprefix("unix://"))
+        assert seen is not None and seen.where == served.where, (
+            f"{c['name']} looks for the socket at {seen.where if seen else address}, "
+            f"the plugin listens at {served.where}")
+    registration = resolve(ds, registrar, "/registration")
+    assert registration is not None and registration.where == REGISTRATION_DIR
+
+
+def test_resizer_and_controller_instance_share_the_socket(base: tuple[Obj, ...]) -> None:
+    dep = resizer(base)
+    plugin = container(dep, "csi-lvm")
+    cfg = our_config(plugin)
+    assert cfg.mode is Mode.CONTROLLER
+    served = resolve(dep, plugin, unix_path(cfg.endpoint))
+    address = flag(container(dep, "csi-resizer"), "--csi-address")
+    assert served is not None and address is not None
+    seen = resolve(dep, container(dep, "csi-resizer"), address)
+    assert seen is not None and seen.where == served.where and served.kind == "emptyDir"
+
+
+# ------------------------------------------------------------------------------ mounts
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_kubelet_dir_is_mounted_bidirectional_by_privileged_containers_only(
+    kubectl: str, directory: Path
+) -> None:
+    for workload in pod_workloads(render(directory)):
+        volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        for c in containers(workload):
+            for m in c.get("volumeMounts", []):
+                host = volumes[m["name"]].get("hostPath", {}).get("path", "")
+                if posixpath.normpath(host) == KUBELET_DIR:
+                    assert m.get("mountPropagation") == "Bidirectional", (
+                        f"{c['name']} mounts {KUBELET_DIR} without Bidirectional propagation: "
+                        "volumes it mounts would not reach kubelet and pods")
+                if m.get("mountPropagation") == "Bidirectional":
+                    assert c.get("securityContext", {}).get("privileged") is True, c["name"]
+
+
+def test_plugin_sees_kubelet_paths_at_the_same_path_and_host_devices(
+    base: tuple[Obj, ...],
+) -> None:
+    ds = node_ds(base)
+    plugin = container(ds, "csi-lvm")
+    target = f"{KUBELET_DIR}/pods/uid/volumes/kubernetes.io~csi/pvc-1/mount"
+    seen = resolve(ds, plugin, target)
+    assert seen is not None and seen.where == target
+    for name in ("csi-lvm", "node-resource-manager"):
+        dev = resolve(ds, container(ds, name), "/dev/sdb")
+        assert dev is not None and dev.where == "/dev/sdb", f"{name} lacks the host's /dev"
+        assert container(ds, name).get("securityContext", {}).get("privileged") is True
+
+
+# ------------------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=rel)
+def test_our_containers_flags_are_known_to_the_code(kubectl: str, directory: Path) -> None:
+    for workload in pod_workloads(render(directory)):
+        for c in containers(workload):
+            if is_ours(c):
+                our_config(c)  # raises on an unknown flag or a refused value
+
+
+def test_flag_check_catches_a_misspelled_flag(base: tuple[Obj, ...]) -> None:
+    plugin = dict(container(node_ds(base), "csi-lvm"))
+    plugin["args"] = [*plugin["args"], "--metrics-adress=:1"]
+    with pytest.raises(AssertionError, match="metrics-adress"):
+        our_config(plugin)
+
+
+def test_node_ids_come_from_the_node_name(base: tuple[Obj, ...]) -> None:
+    ds = node_ds(base)
+    assert our_config(container(ds, "csi-lvm")).node_id == "edge-node-1"
+    assert our_config(container(ds, "node-resource-manager")).node_name == "edge-node-1"
+
+
+def test_daemonset_runs_only_on_nodes_with_the_agents_gate_label(base: tuple[Obj, ...]) -> None:
+    selector = pod_spec(node_ds(base))["nodeSelector"]
+    assert selector == {DEFAULT_GATE_KEY: nrm_default("gate_label_value")}
+    assert DEFAULT_GATE_KEY == "alibabacloud.com/edge-enable-localstorage"
+
+
+def test_provisioner_runs_in_node_deployment_mode_with_capacity(base: tuple[Obj, ...]) -> None:
+    prov = container(node_ds(base), "csi-provisioner")
+    for required in ("--node-deployment", "--enable-capacity", "--strict-topology",
+                     "--extra-create-metadata"):
+        assert has_flag(prov, required), required
+    assert flag(prov, "--feature-gates") == "Topology=true"
+    assert flag(prov, "--capacity-ownerref-level") == "1"  # the DaemonSet owns the capacities
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in prov["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "NAMESPACE": "metadata.namespace",
+                   "POD_NAME": "metadata.name"}
+
+
+def test_snapshotter_runs_distributed(base: tuple[Obj, ...]) -> None:
+    snap = container(node_ds(base), "csi-snapshotter")
+    assert has_flag(snap, "--node-deployment")
+    assert {e["name"] for e in snap["env"]} == {"NODE_NAME"}
+
+
+def test_both_lvm_users_run_the_same_lvm_and_nsenter_has_the_host_pid_namespace(
+    base: tuple[Obj, ...],
+) -> None:
+    ds = node_ds(base)
+    commands = {our_config(container(ds, n)).lvm_command == ["nsenter", "--mount=/proc/1/ns/mnt",
+                                                              "--", "lvm"]
+                for n in ("csi-lvm", "node-resource-manager")}
+    assert commands == {True}
+    assert pod_spec(ds)["hostPID"] is True
+
+
+def test_container_lvm_overlay_shares_lvm_state_between_both_lvm_users(kubectl: str) -> None:
+    ds = node_ds(render(DEPLOY / "overlays" / "container-lvm"))
+    for name in ("csi-lvm", "node-resource-manager"):
+        c = container(ds, name)
+        cfg = our_config(c)
+        assert cfg.lvm_command == ["lvm"], name
+        assert "udev_sync = 0" in cfg.lvm_config
+        for path in ("/run/lvm", "/run/lock/lvm", "/etc/lvm/backup", "/etc/lvm/archive"):
+            seen = resolve(ds, c, path)
+            assert seen is not None and seen.where == path, f"{name}: {path} is not the host's"
+
+
+def test_without_snapshots_overlay_has_no_snapshot_parts(kubectl: str) -> None:
+    objs = render(DEPLOY / "overlays" / "without-snapshots")
+    assert not find(objs, "VolumeSnapshotClass")
+    assert not has_container(node_ds(objs), "csi-snapshotter")
+    assert not [o for o in objs if o["kind"].endswith("Role") and "snapshotter" in
+                o["metadata"]["name"]]
+    assert has_container(node_ds(objs), "csi-provisioner")
+
+
+# ------------------------------------------------------------------------------ probes, ports
+
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=rel)
+def test_probes_hit_declared_ports_and_host_ports_do_not_collide(
+    kubectl: str, directory: Path
+) -> None:
+    for workload in pod_workloads(render(directory)):
+        spec = pod_spec(workload)
+        ports = [p for c in containers(workload) for p in c.get("ports", [])]
+        numbers = [p["containerPort"] for p in ports]
+        assert len(numbers) == len(set(numbers)), f"{workload['metadata']['name']}: {numbers}"
+        by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
+        for c in containers(workload):
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                http = c.get(probe, {}).get("httpGet")
+                if http is None:
+                    continue
+                port = http["port"]
+                if isinstance(port, str):
+                    assert port in by_name, f"{c['name']} {probe}: no port named {port}"
+                elif not spec.get("hostNetwork"):
+                    assert port in numbers, f"{c['name']} {probe}: port {port} undeclared"
+
+
+def test_our_metrics_endpoints_listen_on_their_declared_ports(base: tuple[Obj, ...]) -> None:
+    for workload in (node_ds(base), resizer(base)):
+        for c in containers(workload):
+            if not is_ours(c):
+                continue
+            address = our_config(c).metrics_address
+            assert address, f"{c['name']}: metrics endpoint disabled, probes would fail"
+            port = int(address.rpartition(":")[2])
+            assert port in [p["containerPort"] for p in c.get("ports", [])], c["name"]
+
+
+def test_plugin_readiness_is_the_csi_probe_and_liveness_is_its_own_endpoint(
+    base: tuple[Obj, ...],
+) -> None:
+    ds = node_ds(base)
+    plugin = container(ds, "csi-lvm")
+    probe_port = flag(container(ds, "livenessprobe"), "--http-endpoint")
+    ports = {p["name"]: p["containerPort"] for c in containers(ds) for p in c.get("ports", [])}
+    assert probe_port == f":{ports[plugin['readinessProbe']['httpGet']['port']]}"
+    own = int(our_config(plugin).metrics_address.rpartition(":")[2])
+    assert ports[plugin["livenessProbe"]["httpGet"]["port"]] == own
+    registrar = container(ds, "node-driver-registrar")
+    assert flag(registrar, "--http-endpoint") == (
+        f":{ports[registrar['livenessProbe']['httpGet']['port']]}")
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def image_component() -> dict[str, str]:
+    doc = yaml.safe_load((DEPLOY / "components" / "image" / "kustomization.yaml").read_text())
+    (entry,) = doc["images"]
+    return dict(entry)
+
+
+def test_image_tag_is_the_project_version() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert image_component()["newTag"] == version
+
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=rel)
+def test_images_are_single_sourced_and_pinned(kubectl: str, directory: Path) -> None:
+    entry = image_component()
+    ours = set()
+    for workload in pod_workloads(render(directory)):
+        for c in containers(workload):
+            image = c["image"]
+            if is_ours(c):
+                ours.add(image)
+                assert image.endswith(":" + entry["newTag"]), image
+            elif image.startswith(SIDECAR_REGISTRY):
+                assert re.search(r":v\d+\.\d+\.\d+$", image), f"sidecar not pinned: {image}"
+            else:
+                assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), image
+    assert len(ours) <= 1, f"{rel(directory)} uses several images of ours: {ours}"
+
+
+def test_manifests_name_our_image_only_by_its_placeholder() -> None:
+    placeholder = image_component()["name"]
+    for file in DEPLOY.rglob("*.yaml"):
+        if file.parent == DEPLOY / "components" / "image":
+            continue
+        for doc in yaml.safe_load_all(file.read_text()):
+            for c in _containers_in(doc):
+                if is_ours(c):
+                    assert c["image"] == placeholder, f"{rel(file)}: {c['image']}"
+
+
+def _containers_in(doc: object) -> list[Obj]:
+    if not isinstance(doc, dict) or doc.get("kind") not in (
+            "Pod", "Deployment", "DaemonSet", "StatefulSet"):
+        return []
+    return containers(doc)
+
+
+def test_example_overlay_overrides_the_image_in_one_place(kubectl: str) -> None:
+    images = {c["image"] for w in pod_workloads(render(DEPLOY / "overlays" / "example"))
+              for c in containers(w) if is_ours(c)}
+    assert images == {f"registry.example.com/mirror/edge-node-services:"
+                      f"{image_component()['newTag']}"}
+
+
+# ------------------------------------------------------------------------------ accounts
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_service_accounts_and_role_references_resolve(kubectl: str, directory: Path) -> None:
+    objs = render(directory)
+    accounts = {(o["metadata"]["namespace"], o["metadata"]["name"])
+                for o in find(objs, "ServiceAccount")}
+    for workload in pod_workloads(objs):
+        sa = pod_spec(workload).get("serviceAccountName")
+        if sa is not None:
+            assert (workload["metadata"]["namespace"], sa) in accounts
+    roles = {("ClusterRole", None, o["metadata"]["name"]) for o in find(objs, "ClusterRole")}
+    roles |= {("Role", o["metadata"]["namespace"], o["metadata"]["name"])
+              for o in find(objs, "Role")}
+    for binding in find(objs, "RoleBinding") + find(objs, "ClusterRoleBinding"):
+        ref = binding["roleRef"]
+        ns = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        assert (ref["kind"], ns, ref["name"]) in roles, f"{binding['metadata']['name']}: {ref}"
+        for subject in binding["subjects"]:
+            assert (subject["namespace"], subject["name"]) in accounts
+
+
+def test_expanded_argv_substitutes_downward_api_values(base: tuple[Obj, ...]) -> None:
+    argv = expanded_argv(container(node_ds(base), "csi-lvm"))
+    assert "--node-id=edge-node-1" in argv
