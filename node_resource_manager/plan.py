@@ -1,0 +1,302 @@
+"""The planner: desired volume groups (the selected topology entries) against what LVM reports.
+
+Input is ONE LVM report per reconcile and one host snapshot; output is a Plan: the actions to
+take (create a VG, extend a VG, create a thin pool), the devices refused and why, and the PVs
+that are in a VG but no longer listed (reported, never removed). The planner changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from edge_common.lvm import LvmReport
+from node_resource_manager.devices import BlockDevice, HostPaths, ResolveError, expand_pattern
+from node_resource_manager.devices import resolve as resolve_device
+from node_resource_manager.journal import Journal
+from node_resource_manager.safety import HostState, Reason, Refusal, SafetyChecker
+from node_resource_manager.topology import (
+    ConfigInvalid,
+    ThinPoolSpec,
+    TopologyType,
+    VolumeGroupSpec,
+)
+
+
+@dataclass(frozen=True)
+class DeviceRefusal:
+    vg: str
+    listed: str
+    device: str | None  # the resolved /dev/<kernel name>, when the path resolved at all
+    refusals: tuple[Refusal, ...]
+    from_pattern: bool = False
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return tuple(r.reason for r in self.refusals)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "volumeGroup": self.vg,
+            "device": self.listed,
+            "reasons": [r.to_dict() for r in self.refusals],
+        }
+        if self.device and self.device != self.listed:
+            out["resolved"] = self.device
+        if self.from_pattern:
+            out["fromPattern"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class CreateVolumeGroup:
+    vg: str
+    devices: tuple[BlockDevice, ...]
+    new_pvs: tuple[BlockDevice, ...]  # devices that need pvcreate first
+
+
+@dataclass(frozen=True)
+class ExtendVolumeGroup:
+    vg: str
+    devices: tuple[BlockDevice, ...]
+    new_pvs: tuple[BlockDevice, ...]
+
+
+@dataclass(frozen=True)
+class CreateThinPool:
+    vg: str
+    spec: ThinPoolSpec
+
+
+Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool
+
+
+@dataclass(frozen=True)
+class RemovedDevice:
+    vg: str
+    pv: str
+
+
+@dataclass
+class VolumeGroupPlan:
+    spec: VolumeGroupSpec
+    exists: bool
+    members: list[str] = field(default_factory=list)  # PV paths already in the VG and listed
+
+
+@dataclass
+class Plan:
+    volume_groups: list[VolumeGroupPlan] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    refusals: list[DeviceRefusal] = field(default_factory=list)  # listed devices refused
+    skipped: list[DeviceRefusal] = field(default_factory=list)  # pattern matches not eligible
+    removed: list[RemovedDevice] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # not about one device
+
+    @property
+    def converged(self) -> bool:
+        return not self.actions
+
+
+class Planner:
+    def __init__(self, checker: SafetyChecker, journal: Journal, paths: HostPaths) -> None:
+        self.checker = checker
+        self.journal = journal
+        self.paths = paths
+
+    def plan(
+        self, specs: Sequence[VolumeGroupSpec], report: LvmReport, host: HostState
+    ) -> Plan:
+        """Raises ConfigInvalid when one device is claimed by two volume groups."""
+        plan = Plan()
+        resolved: dict[str, list[tuple[str, BlockDevice]]] = {}
+        # 1. Explicit lists: resolve every path; a device in two VGs is a config error.
+        owner: dict[int, str] = {}
+        conflicts: list[str] = []
+        for spec in specs:
+            if spec.type is not TopologyType.DEVICE:
+                continue
+            entries: list[tuple[str, BlockDevice]] = []
+            for listed in spec.devices:
+                try:
+                    dev = resolve_device(listed, self.paths)
+                except ResolveError as exc:
+                    reason = Reason.MISSING if exc.missing else Reason.NOT_BLOCK_DEVICE
+                    plan.refusals.append(
+                        DeviceRefusal(spec.name, listed, None, (Refusal(reason, str(exc)),))
+                    )
+                    continue
+                entries.append((listed, dev))
+                prev = owner.setdefault(dev.rdev, spec.name)
+                if prev != spec.name:
+                    conflicts.append(_conflict(dev, prev, spec.name))
+            resolved[spec.name] = entries
+        if conflicts:
+            raise ConfigInvalid(sorted(set(conflicts)))
+
+        # 2. Per volume group: membership, safety, actions.
+        pattern_claims: dict[int, str] = {}
+        for spec in specs:
+            vg = report.vg(spec.name)
+            vgp = VolumeGroupPlan(spec=spec, exists=vg is not None)
+            plan.volume_groups.append(vgp)
+            if spec.type is TopologyType.DEVICE:
+                candidates = self._dedupe_listed(spec.name, resolved[spec.name], plan)
+            else:
+                candidates = self._pattern_candidates(spec, plan)
+            eligible: list[BlockDevice] = []
+            wanted: set[int] = set()
+            for dev in candidates:
+                wanted.add(dev.rdev)
+                pv = host.pvs_by_rdev.get(dev.rdev)
+                if pv is not None and pv.vg_name == spec.name:
+                    vgp.members.append(pv.name)
+                    continue
+                claimed = pv is not None and not pv.vg_name and self.journal.claims(
+                    dev.rdev, spec.name
+                )
+                refusals = self.checker.check(
+                    dev, host, target_vg=spec.name, claimed_orphan=claimed
+                )
+                if refusals:
+                    target = plan.skipped if spec.type is TopologyType.PATTERN else plan.refusals
+                    target.append(DeviceRefusal(spec.name, dev.listed, dev.path,
+                                                tuple(refusals),
+                                                from_pattern=spec.type is TopologyType.PATTERN))
+                    continue
+                if spec.type is TopologyType.PATTERN:
+                    other = owner.get(dev.rdev) or pattern_claims.get(dev.rdev)
+                    if other is not None and other != spec.name:
+                        conflicts.append(_conflict(dev, other, spec.name))
+                        continue
+                    pattern_claims[dev.rdev] = spec.name
+                eligible.append(dev)
+            new_pvs = tuple(d for d in eligible if d.rdev not in host.pvs_by_rdev)
+            if eligible and vg is None:
+                plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs))
+            elif eligible:
+                plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs))
+            if vg is not None:
+                for pv in report.pvs_of(spec.name):
+                    rdev = _rdev_of(host, pv.name)
+                    if rdev is None or rdev not in wanted:
+                        plan.removed.append(RemovedDevice(spec.name, pv.name))
+            if spec.thin_pool is not None and (vg is not None or eligible):
+                self._plan_thin_pool(spec, spec.thin_pool, report, plan)
+        if conflicts:
+            raise ConfigInvalid(sorted(set(conflicts)))
+        return plan
+
+    def _dedupe_listed(
+        self, vg: str, entries: list[tuple[str, BlockDevice]], plan: Plan
+    ) -> list[BlockDevice]:
+        """A device listed twice (same path twice, or a path and a link to it) is refused:
+        the list is ambiguous, and the operator should see that."""
+        by_rdev: dict[int, list[BlockDevice]] = {}
+        for _, dev in entries:
+            by_rdev.setdefault(dev.rdev, []).append(dev)
+        out = []
+        for devs in by_rdev.values():
+            if len(devs) == 1:
+                out.append(devs[0])
+                continue
+            names = ", ".join(d.listed for d in devs)
+            for dev in dict.fromkeys(devs):
+                plan.refusals.append(
+                    DeviceRefusal(
+                        vg, dev.listed, dev.path,
+                        (Refusal(Reason.LISTED_TWICE,
+                                 f"{dev.path} is listed {len(devs)} times for volume group "
+                                 f"{vg!r} ({names}); list each device once"),),
+                    )
+                )
+        return out
+
+    def _pattern_candidates(self, spec: VolumeGroupSpec, plan: Plan) -> list[BlockDevice]:
+        out: dict[int, BlockDevice] = {}
+        for pattern in spec.patterns:
+            for path in expand_pattern(pattern, self.paths):
+                try:
+                    dev = resolve_device(path, self.paths)
+                except ResolveError:
+                    continue  # a link to nothing, a partition that just vanished: not a match
+                out.setdefault(dev.rdev, dev)
+        return list(out.values())
+
+    def _plan_thin_pool(
+        self, spec: VolumeGroupSpec, pool: ThinPoolSpec, report: LvmReport, plan: Plan
+    ) -> None:
+        existing = next(
+            (lv for lv in report.lvs_of(spec.name) if lv.name == pool.name), None
+        )
+        if existing is None:
+            plan.actions.append(CreateThinPool(spec.name, pool))
+        elif not existing.is_thin_pool:
+            plan.problems.append(
+                f"volume group {spec.name!r}: logical volume {pool.name!r} exists and is not a "
+                "thin pool; it is left alone"
+            )
+
+
+def _conflict(dev: BlockDevice, first: str, second: str) -> str:
+    a, b = sorted((first, second))
+    return (
+        f"device {dev.path} ({dev.majmin}) is claimed by volume groups {a!r} and {b!r}; "
+        "a device can belong to one volume group only"
+    )
+
+
+def _rdev_of(host: HostState, pv_name: str) -> int | None:
+    for rdev, pv in host.pvs_by_rdev.items():
+        if pv.name == pv_name:
+            return rdev
+    return None
+
+
+def describe(plan: Plan) -> str:
+    """The plan for people (``--dry-run``)."""
+    lines: list[str] = []
+    if not plan.volume_groups:
+        lines.append("No volume group of the topology selects this node.")
+    for vgp in plan.volume_groups:
+        spec = vgp.spec
+        acts = [a for a in plan.actions if a.vg == spec.name]
+        if not acts:
+            if vgp.exists:
+                lines.append(f"volume group {spec.name}: up to date "
+                             f"({len(vgp.members)} listed PV(s) in place)")
+            else:
+                lines.append(f"volume group {spec.name}: cannot be created, no eligible device")
+        for act in acts:
+            if isinstance(act, CreateVolumeGroup):
+                lines.append(f"volume group {spec.name}: CREATE from "
+                             f"{', '.join(d.describe() for d in act.devices)}")
+            elif isinstance(act, ExtendVolumeGroup):
+                lines.append(f"volume group {spec.name}: EXTEND with "
+                             f"{', '.join(d.describe() for d in act.devices)}")
+            else:
+                lines.append(f"volume group {spec.name}: CREATE THIN POOL {act.spec.name} "
+                             f"({act.spec.size_percent}% of the VG, overprovision ratio "
+                             f"{act.spec.overprovision_ratio:g})")
+            new = getattr(act, "new_pvs", ())
+            if new:
+                lines.append(f"    pvcreate {' '.join(d.path for d in new)}")
+    if plan.refusals:
+        lines.append("Refused (left untouched):")
+        for r in plan.refusals:
+            for refusal in r.refusals:
+                lines.append(f"  {r.vg}: {r.listed}: {refusal.reason}: {refusal.message}")
+    if plan.skipped:
+        lines.append("Matched by a pattern but not eligible (left untouched):")
+        for r in plan.skipped:
+            for refusal in r.refusals:
+                lines.append(f"  {r.vg}: {r.listed}: {refusal.reason}: {refusal.message}")
+    if plan.removed:
+        lines.append("In a volume group but no longer listed (left in place, never removed):")
+        for rem in plan.removed:
+            lines.append(f"  {rem.vg}: {rem.pv}")
+    for problem in plan.problems:
+        lines.append(f"Problem: {problem}")
+    if not plan.actions:
+        lines.append("Nothing to change.")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Node resource manager on a real kernel (device-mapper, partition tables): a VG with a thin
+pool from the guest's disks, and the safety checks that need a live kernel: partitions,
+holders, device-mapper devices, multipath members.
+
+Runs in the qemu guest (``python -m kernel_guest pytest tests/kernel/test_nrm_kernel.py``) on
+``kernel_disks`` (/dev/vda, /dev/vdb there), which are scrubbed before and checked after each
+test: every test removes what it built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from edge_common.commands import run
+from edge_common.loopdisk import device_fingerprint, write_gpt
+from edge_common.lvm import Lvm
+from node_resource_manager.devices import HostPaths, resolve
+from node_resource_manager.events import LogSink
+from node_resource_manager.executor import OVERPROVISION_TAG
+from node_resource_manager.journal import Journal
+from node_resource_manager.reconcile import Outcome, Reconciler, ReconcileResult
+from node_resource_manager.safety import Reason, SafetyChecker, SafetySettings
+from node_resource_manager.sources import config_from_text
+from tests.nrm.conftest import ADMITTED, GATE, entry, topology_text
+from tests.rigs.lvm import unique_vg_name
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+
+
+def reconcile(lvm: Lvm, tmp: Path, text: str, *, dry_run: bool = False) -> ReconcileResult:
+    checker = SafetyChecker(SafetySettings(mount_tables=("/proc/self/mountinfo",)))
+    reconciler = Reconciler(node_name="guest", lvm=lvm, checker=checker,
+                            journal=Journal(tmp / "state"), paths=HostPaths(), gate_key=GATE,
+                            gate_value="true", sink=LogSink())
+    return reconciler.reconcile(config_from_text(text, "test", "1"), ADMITTED, dry_run=dry_run)
+
+
+@contextlib.contextmanager
+def removed_afterwards(lvm: Lvm, *vgs: str) -> Iterator[None]:
+    """Test-rig cleanup (the agent never removes anything)."""
+    try:
+        yield
+    finally:
+        for vg in vgs:
+            if lvm.get_vg(vg) is not None:
+                pvs = [pv.name for pv in lvm.pvs() if pv.vg_name == vg]
+                lvm.command("vgremove", "--yes", "--force", "--", vg)
+                lvm.command("pvremove", "--yes", "--", *pvs)
+
+
+@contextlib.contextmanager
+def dm_linear(name: str, device: str, sectors: int = 2048, uuid: str | None = None
+              ) -> Iterator[str]:
+    """A device-mapper linear map over the first sectors of ``device`` (makes it a holder)."""
+    argv = ["dmsetup", "create", name, "--table", f"0 {sectors} linear {device} 0"]
+    if uuid:
+        argv += ["--uuid", uuid]
+    run(argv, timeout=60)
+    try:
+        # Without udev there is no /dev/mapper/NAME; devtmpfs has the /dev/dm-N node.
+        kname = run(["dmsetup", "info", "--columns", "--noheadings", "-o", "blkdevname", name],
+                    timeout=60).stdout_text.strip()
+        yield f"/dev/{kname}"
+    finally:
+        run(["dmsetup", "remove", "--retry", name], timeout=60)
+
+
+def reasons_for(result: ReconcileResult, listed: str) -> set[Reason]:
+    assert result.plan is not None
+    return {reason for r in result.plan.refusals if r.listed == listed for reason in r.reasons}
+
+
+def test_volume_group_and_thin_pool_from_the_guest_disks(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    vg = unique_vg_name("nrmthin")
+    spec = entry(vg, kernel_disks[:2],
+                 thinPool={"name": "pool0", "sizePercent": 80, "overprovisionRatio": 4})
+    with removed_afterwards(lvm, vg):
+        result = reconcile(lvm, tmp_path, topology_text(spec))
+        assert result.outcome is Outcome.CONVERGED, result.message
+        found = lvm.get_vg(vg)
+        assert found is not None and found.pv_count == 2
+        pool = lvm.get_lv(vg, "pool0")
+        assert pool is not None and pool.is_thin_pool
+        assert f"{OVERPROVISION_TAG}4" in pool.tags
+        assert 0.75 * found.size <= pool.size <= 0.80 * found.size
+        (status_vg,) = result.status["volumeGroups"]
+        assert status_vg["thinPool"]["name"] == "pool0"
+        again = reconcile(lvm, tmp_path, topology_text(spec))
+        assert again.outcome is Outcome.CONVERGED
+        assert again.plan is not None and again.plan.actions == []
+
+
+def test_our_own_logical_volume_is_refused_as_a_device_mapper_device(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    vg, other = unique_vg_name("nrmdm"), unique_vg_name("nrmdm")
+    with removed_afterwards(lvm, vg):
+        lvm.vgcreate(vg, kernel_disks[:1])
+        lvm.lvcreate(vg, "data", 16 * MiB)
+        lv_path = f"/dev/{vg}/data"
+        before = device_fingerprint(lv_path)
+        result = reconcile(lvm, tmp_path, topology_text(entry(other, [lv_path])))
+        assert reasons_for(result, lv_path) == {Reason.DEVICE_MAPPER}
+        assert device_fingerprint(lv_path) == before
+        assert lvm.get_vg(other) is None
+        # The disk under the VG is held by that LV (and is another VG's PV).
+        result = reconcile(lvm, tmp_path, topology_text(entry(other, kernel_disks[:1])))
+        assert reasons_for(result, kernel_disks[0]) >= {Reason.HOLDERS, Reason.OTHER_VG}
+
+
+def test_disk_held_by_a_mapping_is_refused_as_having_holders(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    disk = kernel_disks[1]
+    vg = unique_vg_name("nrmhold")
+    with dm_linear(f"nrm-hold-{os.getpid()}", disk):
+        before = device_fingerprint(disk)
+        result = reconcile(lvm, tmp_path, topology_text(entry(vg, [disk])))
+        assert reasons_for(result, disk) == {Reason.HOLDERS}
+        assert device_fingerprint(disk) == before
+        assert lvm.get_vg(vg) is None
+
+
+def test_multipath_member_is_refused(kernel_disks: list[str], lvm: Lvm, tmp_path: Path) -> None:
+    disk = kernel_disks[1]
+    vg = unique_vg_name("nrmmp")
+    name = f"nrm-mpath-{os.getpid()}"
+    with dm_linear(name, disk, uuid=f"mpath-{name}") as mapped:
+        result = reconcile(lvm, tmp_path, topology_text(entry(vg, [disk])))
+        assert reasons_for(result, disk) == {Reason.MULTIPATH_MEMBER}
+        # The multipath map itself is a device-mapper device: refused as well.
+        result = reconcile(lvm, tmp_path, topology_text(entry(vg, [mapped])))
+        assert reasons_for(result, mapped) == {Reason.DEVICE_MAPPER}
+        assert lvm.get_vg(vg) is None
+
+
+def _partitioned(disk: str) -> str:
+    write_gpt(disk)
+    run(["blockdev", "--rereadpt", disk], timeout=60)
+    part = resolve(disk, HostPaths()).kname
+    candidates = [f"/dev/{part}1", f"/dev/{part}p1"]
+    found = [c for c in candidates if Path(c).is_block_device()]
+    assert found, f"the kernel shows no partition of {disk}"
+    return found[0]
+
+
+def _forget_partitions(disk: str, partitions: Sequence[str]) -> None:
+    run(["wipefs", "--all", "--quiet", *partitions], timeout=60)
+    run(["wipefs", "--all", "--quiet", disk], timeout=60)
+    run(["blockdev", "--rereadpt", disk], timeout=60)
+
+
+def test_disk_with_partitions_is_refused_but_its_listed_partition_is_used(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    disk = kernel_disks[1]
+    part = _partitioned(disk)
+    vg = unique_vg_name("nrmpart")
+    try:
+        with removed_afterwards(lvm, vg):
+            result = reconcile(lvm, tmp_path, topology_text(entry(vg, [disk])))
+            assert reasons_for(result, disk) == {Reason.PARTITIONS}
+            assert lvm.get_vg(vg) is None
+
+            result = reconcile(lvm, tmp_path, topology_text(entry(vg, [part])))
+            assert result.outcome is Outcome.CONVERGED, result.message
+            assert [pv.name for pv in lvm.pvs() if pv.vg_name == vg] == [part]
+    finally:
+        _forget_partitions(disk, [part])
+
+
+def test_whole_disk_under_a_root_partition_is_refused(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    disk = kernel_disks[1]
+    part = _partitioned(disk)
+    try:
+        prdev = os.stat(part).st_rdev
+        table = tmp_path / "mountinfo"
+        table.write_text(f"1 0 {os.major(prdev)}:{os.minor(prdev)} / / rw - ext4 {part} rw\n")
+        checker = SafetyChecker(SafetySettings(mount_tables=(str(table),)))
+        host = checker.snapshot(lvm.pvs())
+        found = {r.reason for r in checker.check(resolve(disk, HostPaths()), host,
+                                                 target_vg="x", claimed_orphan=False)}
+        assert {Reason.ROOT_FILESYSTEM, Reason.PARTITIONS} <= found
+    finally:
+        _forget_partitions(disk, [part])
