@@ -267,7 +267,13 @@ class Lvm:
                 if stripes is None:
                     raise ValueError("stripe_size needs stripes")
                 args += ["--stripesize", _size(stripe_size)]
-        args += self._activation_args(activate, zero, wipe_signatures)
+        activation = self._activation_args(activate, zero, wipe_signatures)
+        if thin_pool is not None:
+            # lvm refuses --zero for a thin volume ("supported only with thin pool creation"):
+            # the pool's own zeroing decides what unwritten blocks read as.
+            i = activation.index("--zero")
+            del activation[i:i + 2]
+        args += activation
         self.command("lvcreate", *args, "--", _check_name("VG", vg), timeout=timeout)
 
     def create_thin_pool(

@@ -1,0 +1,1004 @@
+"""The CSI Controller service: volumes and snapshots as LVM logical volumes on this node.
+
+Every RPC checks its arguments first (INVALID_ARGUMENT before any lookup), then takes its
+in-flight keys (a concurrent call for the same name or volume gets ABORTED), then works.
+
+Crash safety (SIGKILL at any point, then restart and retry, converges):
+- A plain CreateVolume is ONE lvcreate carrying every tag (ownership, name, context): LVM commits
+  it atomically, so after a crash the LV either does not exist (the retry creates it) or is
+  complete (the retry finds it by its derived name and returns it).
+- A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
+  volume) creates it with the `pending` tag and removes the tag as its last step. A pending LV
+  was never handed out: the retry (or the start-up sweep) removes it and starts over.
+  Temporary snapshots used while cloning are kind=temporary and removed the same way.
+- DeleteVolume/DeleteSnapshot (lvremove) and ControllerExpandVolume (lvextend to an absolute
+  size) are single idempotent LVM commands; a wipe before lvremove is simply redone.
+- CreateSnapshot is one lvcreate --snapshot with every tag.
+The driver never lists, changes or removes an LV without its ownership tag.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi_lvm import blockdev
+from csi_lvm.capabilities import capability_error, is_block
+from csi_lvm.capacity import CapacityCache, max_striped_size
+from csi_lvm.config import CreateWipe, CsiConfig, Mode
+from csi_lvm.locks import InFlight
+from csi_lvm.params import (
+    P_WIPE,
+    LvmType,
+    VolumeParams,
+    check_range,
+    check_snapshot_params,
+    choose_size,
+    parse_snapshot_size,
+    parse_volume_params,
+    round_up,
+    size_fits,
+)
+from csi_lvm.volume import (
+    KIND_SNAPSHOT,
+    KIND_TEMPORARY,
+    KIND_VOLUME,
+    TAG_PENDING,
+    InvalidId,
+    LvRef,
+    Ownership,
+    VolumeContext,
+    build_tags,
+    owner_tag,
+    parse_id,
+    read_tags,
+    snapshot_lv_name,
+    temporary_lv_name,
+    volume_lv_name,
+)
+from edge_common.errors import (
+    AlreadyExists,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Unimplemented,
+)
+from edge_common.log import log_context
+from edge_common.lvm import (
+    LogicalVolume,
+    Lvm,
+    LvmCommandNotFound,
+    LvmError,
+    LvmReport,
+    LvmTimeout,
+)
+from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_BYTES = 128
+RPC = csi_pb2.ControllerServiceCapability.RPC
+
+_HEALTH = {
+    "p": "partial: a physical volume of the LV is missing",
+    "r": "RAID refresh needed",
+    "m": "RAID mismatches",
+    "w": "RAID writemostly",
+    "F": "failed",
+    "D": "thin pool out of data space",
+    "M": "thin pool metadata read-only",
+    "E": "dm-writecache error",
+}
+
+
+def lvm_failure(exc: LvmError, doing: str) -> ServiceError:
+    """One place that turns an LVM failure into a CSI status."""
+    if isinstance(exc, LvmTimeout):
+        return Unavailable(f"{doing}: {exc.message}; the outcome is unknown, retry")
+    if isinstance(exc, LvmCommandNotFound):
+        return Unavailable(f"{doing}: {exc.message}")
+    if exc.is_no_space():
+        return ResourceExhausted(f"{doing}: not enough free space: {exc.message}")
+    return Internal(f"{doing}: {exc.message}")
+
+
+@contextlib.contextmanager
+def lvm_errors(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except LvmError as exc:
+        raise lvm_failure(exc, doing) from exc
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name:
+        raise InvalidArgument(f"{what} is required")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+
+
+def _check_capabilities(caps: Sequence[csi_pb2.VolumeCapability]) -> None:
+    if not caps:
+        raise InvalidArgument("volume_capabilities is required")
+    for cap in caps:
+        err = capability_error(cap)
+        if err:
+            raise InvalidArgument(err)
+
+
+def encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(f"v1\n{last_id}".encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    try:
+        raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        text = ""
+    version, sep, last = text.partition("\n")
+    if version != "v1" or not sep or not last:
+        raise ServiceError(f"starting_token {token!r} was not issued by this driver",
+                           grpc.StatusCode.ABORTED)
+    return last
+
+
+def _paginate(ids: list[str], max_entries: int, token: str) -> tuple[list[str], str]:
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    ids = sorted(ids)
+    if token:
+        last = decode_token(token)
+        ids = [i for i in ids if i > last]
+    if max_entries and len(ids) > max_entries:
+        page = ids[:max_entries]
+        return page, encode_token(page[-1])
+    return ids, ""
+
+
+def _timestamp(seconds: int | None) -> Timestamp:
+    ts = Timestamp()
+    ts.seconds = int(seconds or 0)
+    return ts
+
+
+def lv_condition(lv: LogicalVolume, pool: LogicalVolume | None = None) -> tuple[bool, str]:
+    """(abnormal, message) from what LVM reports about the LV (and its thin pool)."""
+    problems = []
+    if lv.attr.health in _HEALTH:
+        problems.append(_HEALTH[lv.attr.health])
+    if lv.attr.invalid_snapshot:
+        problems.append("invalid snapshot (its copy-on-write space overflowed)")
+    if pool is not None and pool.attr.health in _HEALTH:
+        problems.append(f"thin pool {pool.name}: {_HEALTH[pool.attr.health]}")
+    if problems:
+        return True, "; ".join(problems)
+    return False, "volume is healthy"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved content source (a snapshot or a volume of this driver)."""
+
+    kind: str  # "snapshot" | "volume"
+    ref: LvRef
+    lv: LogicalVolume
+    own: Ownership
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}:{self.ref.id}"
+
+    @property
+    def size(self) -> int:
+        """The size a restore must have at least: the origin's size for snapshots."""
+        if self.kind == KIND_SNAPSHOT and self.own.size:
+            return self.own.size
+        return self.lv.size
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str  # "plain" | "thin-snapshot" | "copy"
+    wipe: str  # "" | "header" | "full"
+
+    @property
+    def pending(self) -> bool:
+        return self.method != "plain" or self.wipe == "full"
+
+
+class Controller(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
+                 locks: InFlight | None = None) -> None:
+        self.cfg = config
+        self._lvm = lvm
+        self._cache = cache
+        self.locks = locks or InFlight()
+        self.owner = owner_tag(config.driver_name)
+        self.segments = {config.topology_key: config.node_id}
+        # Data operations (zeroing, copying, COW snapshots) need device-mapper.
+        self.live = lvm is not None and not lvm.settings.activation_disabled
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def lvm(self) -> Lvm:
+        if self._lvm is None:
+            raise Unimplemented("this instance runs in mode 'controller' (expansion only)")
+        return self._lvm
+
+    @property
+    def cache(self) -> CapacityCache:
+        if self._cache is None:
+            raise Unimplemented("this instance runs in mode 'controller' (expansion only)")
+        return self._cache
+
+    def _topology(self) -> list[csi_pb2.Topology]:
+        return [csi_pb2.Topology(segments=self.segments)]
+
+    def _is_here(self, topology: csi_pb2.Topology) -> bool:
+        segs = dict(topology.segments)
+        return bool(segs) and all(self.segments.get(k) == v for k, v in segs.items())
+
+    def _get(self, ref: LvRef) -> tuple[LogicalVolume, Ownership] | None:
+        with lvm_errors(f"looking up {ref}"):
+            lv = self.lvm.get_lv(ref.vg, ref.lv)
+        if lv is None:
+            return None
+        return lv, read_tags(lv.tags, self.cfg.driver_name)
+
+    def _get_owned(self, ref: LvRef, kind: str) -> tuple[LogicalVolume, Ownership] | None:
+        found = self._get(ref)
+        if found is None:
+            return None
+        lv, own = found
+        if not own.owned or own.kind != kind or own.pending:
+            return None
+        return lv, own
+
+    def _owned_lvs(self) -> list[tuple[LogicalVolume, Ownership]]:
+        with lvm_errors("listing volumes"):
+            lvs = self.lvm.lvs(tag=self.owner)
+        return [(lv, read_tags(lv.tags, self.cfg.driver_name)) for lv in lvs]
+
+    def _remove(self, ref: LvRef, doing: str) -> None:
+        try:
+            self.lvm.lvremove(ref.vg, ref.lv)
+        except LvmError as exc:
+            if not exc.is_not_found():
+                raise lvm_failure(exc, doing) from exc
+        finally:
+            self.cache.invalidate()
+
+    def _pool_of(self, lv: LogicalVolume) -> LogicalVolume | None:
+        if not lv.pool_lv or self._cache is None:
+            return None
+        report = self._cache.cached()
+        if report is None:
+            return None
+        return next((p for p in report.lvs if p.vg_name == lv.vg_name and p.name == lv.pool_lv),
+                    None)
+
+    def _volume_msg(self, ref: LvRef, lv: LogicalVolume, own: Ownership) -> csi_pb2.Volume:
+        vol = csi_pb2.Volume(
+            volume_id=ref.id,
+            capacity_bytes=lv.size,
+            volume_context=own.context,
+            accessible_topology=self._topology(),
+        )
+        if own.source:
+            vol.content_source.CopyFrom(self._source_msg(own.source))
+        return vol
+
+    @staticmethod
+    def _source_msg(tag: str) -> csi_pb2.VolumeContentSource:
+        kind, _, source_id = tag.partition(":")
+        msg = csi_pb2.VolumeContentSource()
+        if kind == KIND_SNAPSHOT:
+            msg.snapshot.snapshot_id = source_id
+        else:
+            msg.volume.volume_id = source_id
+        return msg
+
+    # ------------------------------------------------------------------ capabilities
+
+    def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
+                                  context: grpc.ServicerContext,
+                                  ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        if self.cfg.mode is Mode.CONTROLLER:
+            types = [RPC.EXPAND_VOLUME]
+        else:
+            types = [RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY,
+                     RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.GET_SNAPSHOT,
+                     RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.GET_VOLUME, RPC.VOLUME_CONDITION,
+                     RPC.SINGLE_NODE_MULTI_WRITER]
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in types])
+
+    # ------------------------------------------------------------------ CreateVolume
+
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
+        name = request.name
+        _check_name(name, "name")
+        caps = list(request.volume_capabilities)
+        _check_capabilities(caps)
+        required = request.capacity_range.required_bytes
+        limit = request.capacity_range.limit_bytes
+        check_range(required, limit)
+        mount_caps = [c for c in caps if not is_block(c)]
+        params = parse_volume_params(
+            {**request.parameters, **request.mutable_parameters},
+            default_vg=self.cfg.default_vg,
+            default_thin_pool=self.cfg.default_thin_pool,
+            default_wipe=self.cfg.delete_wipe.value,
+            capability_fs_types=[c.mount.fs_type for c in mount_caps],
+            has_mount=bool(mount_caps),
+        )
+        source_kind, source_id = "", ""
+        if request.HasField("volume_content_source"):
+            which = request.volume_content_source.WhichOneof("type")
+            if which == "snapshot":
+                source_kind = KIND_SNAPSHOT
+                source_id = request.volume_content_source.snapshot.snapshot_id
+            elif which == "volume":
+                source_kind = KIND_VOLUME
+                source_id = request.volume_content_source.volume.volume_id
+            else:
+                raise InvalidArgument("volume_content_source names neither a snapshot nor a volume")
+            if not source_id:
+                raise InvalidArgument(f"volume_content_source: the {source_kind} id is empty")
+        if not self.cfg.vg_allowed(params.vg):
+            raise InvalidArgument(f"volume group {params.vg!r} is not allowed by this driver's "
+                                  "configuration (allowed_vgs)")
+        req = request.accessibility_requirements
+        if req.requisite and not any(self._is_here(t) for t in req.requisite):
+            raise ResourceExhausted(
+                f"this driver provisions on its own node only ({self.cfg.topology_key}="
+                f"{self.cfg.node_id}), which is not among the requisite topologies")
+        _ = self.lvm  # mode check before any lookup
+
+        lv_name = volume_lv_name(name)
+        ref = LvRef(params.vg, lv_name)
+        shared = [f"lv:{source_id}"] if source_id else []
+        with log_context(volume_id=ref.id, volume_name=name), \
+                self.locks.hold(f"volume-name:{name}", f"lv:{ref.id}", shared=shared):
+            vol = self._create_volume(request, name, ref, params, caps, required, limit,
+                                      source_kind, source_id)
+        return csi_pb2.CreateVolumeResponse(volume=vol)
+
+    def _create_volume(self, request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
+                       params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
+                       required: int, limit: int, source_kind: str, source_id: str,
+                       ) -> csi_pb2.Volume:
+        with lvm_errors("reading the volume group"):
+            vg = self.cache.vg(params.vg)
+        if vg is None:
+            raise ResourceExhausted(
+                f"volume group {params.vg!r} does not exist on node {self.cfg.node_id}")
+        source = self._resolve_source(source_kind, source_id) if source_kind else None
+        ctx = params.context(ref.lv)
+        source_tag = source.tag if source else ""
+
+        stripes = None
+        unit = vg.extent_size
+        report = self.cache.report()
+        if params.lvm_type is LvmType.STRIPED:
+            pv_count = len(report.pvs_of(vg.name)) or vg.pv_count
+            stripes = params.stripes or pv_count
+            if stripes < 2 or stripes > pv_count:
+                raise ResourceExhausted(
+                    f"{stripes} stripes need as many physical volumes; volume group {vg.name} "
+                    f"has {pv_count}")
+            unit = vg.extent_size * stripes
+        size = choose_size(required, limit, unit, self.cfg.default_volume_size,
+                           source.size if source else 0)
+
+        pool = None
+        if params.lvm_type is LvmType.THIN:
+            assert params.thin_pool is not None
+            with lvm_errors("reading the thin pool"):
+                pool = self.cache.thin_pool(vg.name, params.thin_pool)
+            if pool is None:
+                raise ResourceExhausted(
+                    f"thin pool {vg.name}/{params.thin_pool} does not exist on node "
+                    f"{self.cfg.node_id}")
+            if size > pool.maximum:
+                raise OutOfRange(f"{size} bytes exceed the largest volume thin pool "
+                                 f"{params.thin_pool} accepts ({pool.maximum} bytes)")
+        else:
+            largest = vg.size if stripes is None else max_striped_size_total(report, vg.name,
+                                                                             stripes)
+            if size > largest:
+                raise OutOfRange(f"{size} bytes exceed the largest volume volume group "
+                                 f"{vg.name} can hold ({largest} bytes)")
+
+        # Idempotency: the derived name is the key.
+        plan = self._plan(params, caps, source, pool is not None and pool.pool.attr.zeroing)
+        if plan.pending:
+            found = self._get(ref)
+            if found is not None:
+                vol = self._existing(ref, found, name, size, required, limit, ctx, source_tag)
+                if vol is not None:
+                    return vol
+                self._discard_pending(ref, source)
+        if pool is not None and size > pool.available:
+            with lvm_errors("reading the thin pool"):
+                pool = self.cache.thin_pool(vg.name, params.thin_pool or "", fresh=True)
+            if pool is None or size > pool.available:
+                found = None if plan.pending else self._get(ref)
+                if found is not None:  # a retry of a create that filled the pool
+                    vol = self._existing(ref, found, name, size, required, limit, ctx,
+                                         source_tag)
+                    if vol is not None:
+                        return vol
+                raise ResourceExhausted(
+                    f"thin pool {vg.name}/{params.thin_pool} has room for "
+                    f"{pool.available if pool else 0} bytes (free x overprovision ratio), "
+                    f"{size} requested")
+
+        tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
+                          created=int(time.time()), size=size, source=source_tag, context=ctx,
+                          pending=plan.pending)
+        for attempt in (1, 2):
+            try:
+                self._make_lv(ref, size, params, stripes, tags, plan, source)
+                break
+            except LvmError as exc:
+                self.cache.invalidate()
+                if not exc.is_already_exists() or attempt == 2:
+                    raise lvm_failure(exc, f"creating {ref}") from exc
+            found = self._get(ref)
+            if found is None:
+                raise Unavailable(f"{ref} vanished while being created; retry")
+            vol = self._existing(ref, found, name, size, required, limit, ctx, source_tag)
+            if vol is not None:
+                return vol
+            self._discard_pending(ref, source)
+        self.cache.invalidate()
+        log.info("volume created", extra={"size": size, "lvm_type": params.lvm_type.value,
+                                          "method": plan.method})
+        try:
+            self._populate(ref, size, plan, source, pool is not None)
+        except BaseException:
+            log.exception("filling the new volume failed; removing it")
+            with contextlib.suppress(Exception):
+                self._discard_pending(ref, source)
+            raise
+        if plan.pending:
+            with lvm_errors(f"finishing {ref}"):
+                self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+        vol = csi_pb2.Volume(volume_id=ref.id, capacity_bytes=size, volume_context=ctx,
+                             accessible_topology=self._topology())
+        if request.HasField("volume_content_source"):
+            vol.content_source.CopyFrom(request.volume_content_source)
+        return vol
+
+    def _resolve_source(self, kind: str, source_id: str) -> Source:
+        try:
+            ref = parse_id(source_id)
+        except InvalidId:
+            raise NotFound(f"{kind} {source_id!r} does not exist") from None
+        found = self._get_owned(ref, kind)
+        if found is None:
+            raise NotFound(f"{kind} {source_id} does not exist on node {self.cfg.node_id}")
+        return Source(kind, ref, *found)
+
+    def _plan(self, params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
+              source: Source | None, zeroing_pool: bool) -> Plan:
+        if source is not None:
+            same_pool = (params.lvm_type is LvmType.THIN and source.lv.is_thin
+                         and source.ref.vg == params.vg and source.lv.pool_lv == params.thin_pool)
+            if same_pool:
+                return Plan("thin-snapshot", "")
+            if not self.live:
+                raise ServiceError(
+                    "copying a volume needs device-mapper, which this kernel lacks",
+                    grpc.StatusCode.FAILED_PRECONDITION)
+            return Plan("copy", "")
+        if zeroing_pool:
+            return Plan("plain", "")  # the pool zeroes every block it provisions
+        policy = self.cfg.create_wipe
+        if policy is CreateWipe.FULL or (policy is CreateWipe.AUTO and any(map(is_block, caps))):
+            return Plan("plain", "full")
+        return Plan("plain", "header")
+
+    def _existing(self, ref: LvRef, found: tuple[LogicalVolume, Ownership], name: str,
+                  size: int, required: int, limit: int, ctx: dict[str, str],
+                  source_tag: str) -> csi_pb2.Volume | None:
+        """The response for an LV that already has our derived name, or None when it is a
+        pending leftover of a crashed attempt (to be removed and redone)."""
+        lv, own = found
+        if not own.owned:
+            raise AlreadyExists(f"logical volume {ref} exists and is not managed by "
+                                f"{self.cfg.driver_name}")
+        if own.kind != KIND_VOLUME or own.name != name:
+            raise AlreadyExists(f"logical volume {ref} belongs to another {own.kind or 'LV'}")
+        if own.pending:
+            log.warning("found an unfinished volume from an interrupted attempt; redoing it")
+            return None
+        if own.source != source_tag:
+            raise AlreadyExists(f"volume {name!r} exists with another content source "
+                                f"({own.source or 'none'})")
+        if own.context != ctx:
+            raise AlreadyExists(f"volume {name!r} exists with other parameters "
+                                f"({own.context})")
+        if not size_fits(lv.size, required, limit):
+            raise AlreadyExists(f"volume {name!r} exists with {lv.size} bytes, outside the "
+                                f"requested capacity range")
+        return self._volume_msg(ref, lv, own)
+
+    def _discard_pending(self, ref: LvRef, source: Source | None) -> None:
+        """Remove an unfinished volume and its temporary snapshot (never handed out)."""
+        for vg in dict.fromkeys([ref.vg, *([source.ref.vg] if source else [])]):
+            tmp = LvRef(vg, temporary_lv_name(ref.lv))
+            found = self._get(tmp)
+            if found is not None and found[1].owned and found[1].kind == KIND_TEMPORARY:
+                self._remove(tmp, f"removing the temporary snapshot {tmp}")
+        found = self._get(ref)
+        if found is not None:
+            if not found[1].owned or not found[1].pending:
+                raise Internal(f"refusing to remove {ref}: not an unfinished volume of ours")
+            self._remove(ref, f"removing the unfinished volume {ref}")
+
+    def _make_lv(self, ref: LvRef, size: int, params: VolumeParams, stripes: int | None,
+                 tags: list[str], plan: Plan, source: Source | None) -> None:
+        if plan.method == "thin-snapshot":
+            assert source is not None
+            self.lvm.create_snapshot(ref.vg, source.ref.lv, ref.lv, tags=tags)
+            if size > source.lv.size:
+                self.lvm.lvextend(ref.vg, ref.lv, size)
+            return
+        self.lvm.lvcreate(ref.vg, ref.lv, size, tags=tags, stripes=stripes,
+                          stripe_size=params.stripe_size, thin_pool=params.thin_pool)
+
+    def _populate(self, ref: LvRef, size: int, plan: Plan, source: Source | None,
+                  thin: bool) -> None:
+        if not self.live:
+            if plan.wipe or plan.method != "plain":
+                log.info("no device-mapper: the LV is inactive and cannot be written here")
+            return
+        path = ref.device_path
+        if plan.method == "thin-snapshot":
+            with lvm_errors(f"activating {ref}"):
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+            return
+        blockdev.wait_for_device(path)
+        if plan.method == "copy":
+            assert source is not None
+            self._copy_from(source, ref, size, thin)
+        elif plan.wipe == "full":
+            blockdev.zero_range(path, 0, size)
+        elif plan.wipe == "header":
+            blockdev.zero_head_and_tail(path, size)
+
+    def _copy_from(self, source: Source, target: LvRef, size: int, thin_target: bool) -> None:
+        length = source.size
+        read_ref = source.ref
+        temporary: LvRef | None = None
+        if source.kind == KIND_VOLUME and (source.lv.is_thin or self.cfg.clone_via_snapshot):
+            # A snapshot gives a consistent image while the source stays in use.
+            temporary = LvRef(source.ref.vg, temporary_lv_name(target.lv))
+            cow: int | None = None
+            if not source.lv.is_thin:
+                vg = self.cache.vg(source.ref.vg)
+                extent = vg.extent_size if vg else 4 << 20
+                cow = round_up(min(max(source.lv.size // 10, 64 << 20), source.lv.size), extent)
+            tags = build_tags(self.cfg.driver_name, kind=KIND_TEMPORARY,
+                              csi_name=f"clone:{target.id}", created=int(time.time()))
+            with lvm_errors(f"creating the temporary snapshot {temporary}"):
+                self.lvm.create_snapshot(source.ref.vg, source.ref.lv, temporary.lv,
+                                         size_bytes=cow, tags=tags)
+            self.cache.invalidate()
+            read_ref = temporary
+        try:
+            # Thin snapshots (ours, or a thin temporary) skip activation; a thick COW
+            # snapshot is active with its origin.
+            thin_read = source.lv.is_thin if temporary is not None else not source.lv.is_active
+            if thin_read:
+                with lvm_errors(f"activating {read_ref}"):
+                    self.lvm.activate(read_ref.vg, read_ref.lv, ignore_skip=True)
+            blockdev.wait_for_device(read_ref.device_path)
+            blockdev.copy(read_ref.device_path, target.device_path, length,
+                          skip_zero_chunks=thin_target)
+            if size > length and not thin_target:
+                blockdev.zero_range(target.device_path, length, size - length)
+        finally:
+            if temporary is not None:
+                self._remove(temporary, f"removing the temporary snapshot {temporary}")
+
+    # ------------------------------------------------------------------ DeleteVolume
+
+    def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.DeleteVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        _ = self.lvm
+        try:
+            ref = parse_id(request.volume_id)
+        except InvalidId:
+            return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
+        with log_context(volume_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
+            found = self._get(ref)
+            if found is None:
+                return csi_pb2.DeleteVolumeResponse()
+            lv, own = found
+            if not own.owned or own.kind != KIND_VOLUME:
+                log.info("DeleteVolume for an LV this driver does not own: nothing to do")
+                return csi_pb2.DeleteVolumeResponse()
+            if lv.attr.origin:
+                raise ServiceError(
+                    f"volume {ref} has copy-on-write snapshots; delete them first",
+                    grpc.StatusCode.FAILED_PRECONDITION)
+            wipe = own.context.get(P_WIPE, "none")
+            if wipe != "none" and not own.pending:
+                self._wipe(ref, lv, wipe)
+            self._remove(ref, f"removing {ref}")
+            log.info("volume deleted", extra={"wipe": wipe})
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
+        if not self.live:
+            log.warning("no device-mapper: cannot wipe the data before removal")
+            return
+        if not lv.is_active:
+            with lvm_errors(f"activating {ref} to wipe it"):
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        blockdev.wait_for_device(ref.device_path)
+        if how == "discard" or lv.is_thin:
+            # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
+            if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
+                blockdev.zero_range(ref.device_path, 0, lv.size)
+        else:
+            blockdev.zero_range(ref.device_path, 0, lv.size)
+
+    # ------------------------------------------------------------------ Expand
+
+    def ControllerExpandVolume(self, request: csi_pb2.ControllerExpandVolumeRequest,
+                               context: grpc.ServicerContext,
+                               ) -> csi_pb2.ControllerExpandVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        required = request.capacity_range.required_bytes
+        limit = request.capacity_range.limit_bytes
+        check_range(required, limit)
+        if not required and not limit:
+            raise InvalidArgument("capacity_range needs required_bytes or limit_bytes")
+        if request.HasField("volume_capability"):
+            err = capability_error(request.volume_capability)
+            if err:
+                raise InvalidArgument(err)
+        block = request.HasField("volume_capability") and is_block(request.volume_capability)
+        if self.cfg.mode is Mode.CONTROLLER:
+            # The central instance has no LVM: the node grows the LV and the filesystem.
+            return csi_pb2.ControllerExpandVolumeResponse(
+                capacity_bytes=required or limit, node_expansion_required=True)
+        try:
+            ref = parse_id(request.volume_id)
+        except InvalidId:
+            raise NotFound(f"volume {request.volume_id!r} does not exist") from None
+        with log_context(volume_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
+            found = self._get_owned(ref, KIND_VOLUME)
+            if found is None:
+                raise NotFound(f"volume {ref} does not exist")
+            lv, own = found
+            if not request.HasField("volume_capability"):
+                block = not own.context.get(VolumeContext.FS_TYPE)
+            with lvm_errors("reading the volume group"):
+                vg = self.cache.vg(ref.vg)
+            unit = (vg.extent_size if vg else 4 << 20) * max(1, lv.stripes)
+            size = choose_size(required or lv.size, limit, unit, lv.size)
+            if size > lv.size:
+                if lv.is_thin and lv.pool_lv:
+                    pool = self.cache.thin_pool(ref.vg, lv.pool_lv)
+                    if pool is not None and size > pool.maximum:
+                        raise OutOfRange(f"{size} bytes exceed what thin pool {lv.pool_lv} "
+                                         f"accepts ({pool.maximum} bytes)")
+                elif vg is not None and size - lv.size > vg.size:
+                    raise OutOfRange(f"{size} bytes exceed volume group {vg.name}")
+                try:
+                    self.lvm.lvextend(ref.vg, ref.lv, size)
+                except LvmError as exc:
+                    raise lvm_failure(exc, f"extending {ref}") from exc
+                finally:
+                    self.cache.invalidate()
+                log.info("volume expanded", extra={"size": size})
+            else:
+                size = lv.size
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
+                                                      node_expansion_required=not block)
+
+    # ------------------------------------------------------------------ Validate
+
+    def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
+                                   context: grpc.ServicerContext,
+                                   ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        caps = list(request.volume_capabilities)
+        if not caps:
+            raise InvalidArgument("volume_capabilities is required")
+        _ = self.lvm
+        try:
+            ref = parse_id(request.volume_id)
+        except InvalidId:
+            raise NotFound(f"volume {request.volume_id!r} does not exist") from None
+        found = self._get_owned(ref, KIND_VOLUME)
+        if found is None:
+            raise NotFound(f"volume {ref} does not exist")
+        _lv, own = found
+        fs_type = own.context.get(VolumeContext.FS_TYPE, "")
+        for cap in caps:
+            err = capability_error(cap)
+            if err is None and not is_block(cap) and cap.mount.fs_type and fs_type \
+                    and cap.mount.fs_type != fs_type:
+                err = f"the volume was created for {fs_type}, not {cap.mount.fs_type}"
+            if err:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(message=err)
+        for key, value in request.volume_context.items():
+            if key in own.context and own.context[key] != value:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(
+                    message=f"volume_context {key}={value!r} does not match the volume")
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context, volume_capabilities=caps,
+            parameters=request.parameters, mutable_parameters=request.mutable_parameters)
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    # ------------------------------------------------------------------ List / Get
+
+    def ListVolumes(self, request: csi_pb2.ListVolumesRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.ListVolumesResponse:
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        _ = self.lvm
+        if request.starting_token:
+            decode_token(request.starting_token)
+        volumes = {
+            f"{lv.vg_name}/{lv.name}": (lv, own) for lv, own in self._owned_lvs()
+            if own.kind == KIND_VOLUME and not own.pending
+        }
+        page, next_token = _paginate(list(volumes), request.max_entries, request.starting_token)
+        entries = []
+        for volume_id in page:
+            lv, own = volumes[volume_id]
+            abnormal, message = lv_condition(lv, self._pool_of(lv))
+            entries.append(csi_pb2.ListVolumesResponse.Entry(
+                volume=self._volume_msg(LvRef(lv.vg_name, lv.name), lv, own),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    volume_condition=csi_pb2.VolumeCondition(abnormal=abnormal,
+                                                             message=message))))
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest,
+                            context: grpc.ServicerContext,
+                            ) -> csi_pb2.ControllerGetVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        _ = self.lvm
+        try:
+            ref = parse_id(request.volume_id)
+        except InvalidId:
+            raise NotFound(f"volume {request.volume_id!r} does not exist") from None
+        found = self._get_owned(ref, KIND_VOLUME)
+        if found is None:
+            raise NotFound(f"volume {ref} does not exist")
+        lv, own = found
+        abnormal, message = lv_condition(lv, self._pool_of(lv))
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._volume_msg(ref, lv, own),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                volume_condition=csi_pb2.VolumeCondition(abnormal=abnormal, message=message)))
+
+    # ------------------------------------------------------------------ GetCapacity
+
+    def GetCapacity(self, request: csi_pb2.GetCapacityRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetCapacityResponse:
+        caps = list(request.volume_capabilities)
+        mount_caps = [c for c in caps if not is_block(c)]
+        params = parse_volume_params(
+            request.parameters, default_vg=self.cfg.default_vg,
+            default_thin_pool=self.cfg.default_thin_pool,
+            default_wipe=self.cfg.delete_wipe.value,
+            capability_fs_types=[c.mount.fs_type for c in mount_caps] if caps else [],
+            has_mount=bool(mount_caps),
+        ) if caps or request.parameters else None
+        cache = self.cache
+        zero = csi_pb2.GetCapacityResponse(available_capacity=0)
+        if any(capability_error(c) for c in caps):
+            return zero
+        if request.HasField("accessible_topology") and request.accessible_topology.segments \
+                and not self._is_here(request.accessible_topology):
+            return zero
+        vg_name = params.vg if params else self.cfg.default_vg
+        if not self.cfg.vg_allowed(vg_name):
+            return zero
+        with lvm_errors("reading capacity"):
+            report = cache.report(fresh=True)
+        vg = report.vg(vg_name)
+        if vg is None:
+            return zero
+        resp = csi_pb2.GetCapacityResponse()
+        if params is not None and params.lvm_type is LvmType.THIN:
+            pool = cache.thin_pool(vg_name, params.thin_pool or "")
+            if pool is None:
+                return zero
+            resp.available_capacity = pool.available
+            resp.maximum_volume_size.value = min(pool.available, pool.maximum)
+        elif params is not None and params.lvm_type is LvmType.STRIPED:
+            stripes = params.stripes or len(report.pvs_of(vg_name))
+            resp.available_capacity = vg.free if stripes >= 2 else 0
+            resp.maximum_volume_size.value = max_striped_size(report, vg, stripes)
+        else:
+            resp.available_capacity = vg.free
+            resp.maximum_volume_size.value = vg.free
+        resp.minimum_volume_size.value = vg.extent_size
+        return resp
+
+    # ------------------------------------------------------------------ Snapshots
+
+    def CreateSnapshot(self, request: csi_pb2.CreateSnapshotRequest,
+                       context: grpc.ServicerContext) -> csi_pb2.CreateSnapshotResponse:
+        name = request.name
+        _check_name(name, "name")
+        if not request.source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        check_snapshot_params(request.parameters)
+        _ = self.lvm
+        try:
+            src = parse_id(request.source_volume_id)
+        except InvalidId:
+            raise NotFound(f"volume {request.source_volume_id!r} does not exist") from None
+        ref = LvRef(src.vg, snapshot_lv_name(name))
+        source_tag = f"{KIND_VOLUME}:{src.id}"
+        with log_context(snapshot_id=ref.id, volume_id=src.id, snapshot_name=name), \
+                self.locks.hold(f"snapshot-name:{name}", f"lv:{ref.id}", shared=[f"lv:{src.id}"]):
+            found = self._get(ref)
+            if found is not None:
+                lv, own = found
+                if not own.owned or own.kind != KIND_SNAPSHOT or own.name != name:
+                    raise AlreadyExists(f"logical volume {ref} exists and is not snapshot "
+                                        f"{name!r} of this driver")
+                if own.source != source_tag:
+                    raise AlreadyExists(f"snapshot {name!r} exists for another volume "
+                                        f"({own.source_id})")
+                if own.pending:
+                    self._remove(ref, f"removing the unfinished snapshot {ref}")
+                else:
+                    return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(ref, lv,
+                                                                                      own))
+            source = self._get_owned(src, KIND_VOLUME)
+            if source is None:
+                raise NotFound(f"volume {src} does not exist on node {self.cfg.node_id}")
+            origin, _origin_own = source
+            created = int(time.time())
+            tags = build_tags(self.cfg.driver_name, kind=KIND_SNAPSHOT, csi_name=name,
+                              created=created, size=origin.size, source=source_tag)
+            cow: int | None = None
+            if not origin.is_thin:
+                if not self.live:
+                    raise ServiceError(
+                        "thick (copy-on-write) snapshots need device-mapper, which this kernel "
+                        "lacks", grpc.StatusCode.FAILED_PRECONDITION)
+                with lvm_errors("reading the volume group"):
+                    vg = self.cache.vg(src.vg)
+                extent = vg.extent_size if vg else 4 << 20
+                cow = parse_snapshot_size(request.parameters, origin.size, extent,
+                                          self.cfg.thick_snapshot_percent)
+            try:
+                self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
+            except LvmError as exc:
+                raise lvm_failure(exc, f"creating snapshot {ref}") from exc
+            finally:
+                self.cache.invalidate()
+            log.info("snapshot created", extra={"thin": cow is None, "cow_bytes": cow})
+            snap = csi_pb2.Snapshot(size_bytes=origin.size, snapshot_id=ref.id,
+                                    source_volume_id=src.id, creation_time=_timestamp(created),
+                                    ready_to_use=True)
+        return csi_pb2.CreateSnapshotResponse(snapshot=snap)
+
+    def _snapshot_msg(self, ref: LvRef, lv: LogicalVolume, own: Ownership) -> csi_pb2.Snapshot:
+        return csi_pb2.Snapshot(
+            size_bytes=own.size or lv.size, snapshot_id=ref.id, source_volume_id=own.source_id,
+            creation_time=_timestamp(own.created), ready_to_use=not lv.attr.invalid_snapshot)
+
+    def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest,
+                       context: grpc.ServicerContext) -> csi_pb2.DeleteSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        _ = self.lvm
+        try:
+            ref = parse_id(request.snapshot_id)
+        except InvalidId:
+            return csi_pb2.DeleteSnapshotResponse()
+        with log_context(snapshot_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
+            found = self._get(ref)
+            if found is None:
+                return csi_pb2.DeleteSnapshotResponse()
+            _lv, own = found
+            if not own.owned or own.kind != KIND_SNAPSHOT:
+                return csi_pb2.DeleteSnapshotResponse()
+            self._remove(ref, f"removing snapshot {ref}")
+            log.info("snapshot deleted")
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest,
+                      context: grpc.ServicerContext) -> csi_pb2.ListSnapshotsResponse:
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        _ = self.lvm
+        if request.starting_token:
+            decode_token(request.starting_token)
+        if request.snapshot_id:
+            try:
+                parse_id(request.snapshot_id)
+            except InvalidId:
+                return csi_pb2.ListSnapshotsResponse()
+        snapshots = {}
+        for lv, own in self._owned_lvs():
+            if own.kind != KIND_SNAPSHOT or own.pending:
+                continue
+            ref = LvRef(lv.vg_name, lv.name)
+            if request.snapshot_id and ref.id != request.snapshot_id:
+                continue
+            if request.source_volume_id and own.source_id != request.source_volume_id:
+                continue
+            snapshots[ref.id] = (ref, lv, own)
+        page, next_token = _paginate(list(snapshots), request.max_entries,
+                                     request.starting_token)
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(
+                snapshot=self._snapshot_msg(*snapshots[i])) for i in page],
+            next_token=next_token)
+
+    def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest,
+                    context: grpc.ServicerContext) -> csi_pb2.GetSnapshotResponse:
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        _ = self.lvm
+        try:
+            ref = parse_id(request.snapshot_id)
+        except InvalidId:
+            raise NotFound(f"snapshot {request.snapshot_id!r} does not exist") from None
+        found = self._get_owned(ref, KIND_SNAPSHOT)
+        if found is None:
+            raise NotFound(f"snapshot {ref} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot_msg(ref, *found))
+
+    # ------------------------------------------------------------------ not offered
+
+    def ControllerPublishVolume(self, request: csi_pb2.ControllerPublishVolumeRequest,
+                                context: grpc.ServicerContext,
+                                ) -> csi_pb2.ControllerPublishVolumeResponse:
+        raise Unimplemented("local volumes need no attach step (attachRequired: false)")
+
+    def ControllerUnpublishVolume(self, request: csi_pb2.ControllerUnpublishVolumeRequest,
+                                  context: grpc.ServicerContext,
+                                  ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        raise Unimplemented("local volumes need no attach step (attachRequired: false)")
+
+    def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext,
+                               ) -> csi_pb2.ControllerModifyVolumeResponse:
+        raise Unimplemented("no mutable parameters are supported (MODIFY_VOLUME not offered)")
+
+
+def max_striped_size_total(report: LvmReport, vg_name: str, stripes: int) -> int:
+    """The largest striped LV by PV *sizes* (not free space): the OUT_OF_RANGE bound."""
+    sizes = sorted((pv.size for pv in report.pvs_of(vg_name)), reverse=True)
+    if len(sizes) < stripes:
+        return 0
+    return sizes[stripes - 1] * stripes

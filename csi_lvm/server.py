@@ -1,0 +1,117 @@
+"""Wiring: the Identity, Controller and Node services on one unix socket (edge_common.server),
+the capacity cache, the start-up sweep and the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from csi_lvm.capacity import CapacityCache, LvmCollector
+from csi_lvm.config import CsiConfig, Mode
+from csi_lvm.controller import Controller
+from csi_lvm.identity import Identity
+from csi_lvm.locks import InFlight
+from csi_lvm.node import NodeService
+from csi_lvm.recovery import sweep
+from edge_common.lvm import Lvm, LvmError, LvmSettings
+from edge_common.metrics import HealthChecks, MetricsServer
+from edge_common.server import GrpcServer, RpcMetrics
+from edge_proto.csi.v1 import csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def lvm_settings(config: CsiConfig) -> LvmSettings:
+    kw: dict[str, object] = {
+        "command": tuple(config.lvm_command),
+        "extra_args": tuple(config.lvm_extra_args),
+        "timeout": config.lvm_timeout_seconds,
+        "config": config.lvm_config or None,
+    }
+    if config.lvm_auto_driverloaded:
+        return LvmSettings.for_this_kernel(**kw)
+    return LvmSettings(**kw)  # type: ignore[arg-type]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics_address {address!r}: expected host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Driver:
+    """One csi-lvm process: build with a config, start(), stop()."""
+
+    def __init__(self, config: CsiConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.lvm: Lvm | None = None
+        self.cache: CapacityCache | None = None
+        if config.mode is Mode.ALL:
+            self.lvm = Lvm(lvm_settings(config))
+            self.cache = CapacityCache(self.lvm, config.capacity_refresh_seconds,
+                                       config.thin_overprovision_ratio)
+            self.registry.register(LvmCollector(self.cache))
+        self.locks = InFlight()
+        self.identity = Identity(config, self.lvm)
+        self.controller = Controller(config, self.lvm, self.cache, self.locks)
+        register: list[Callable[[grpc.Server], None]] = [
+            lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),
+        ]
+        self.node: NodeService | None = None
+        if config.mode is Mode.ALL:
+            assert self.lvm is not None and self.cache is not None
+            node = NodeService(config, self.lvm, locks=self.locks,
+                               on_lvm_change=self.cache.invalidate)
+            self.node = node
+            register.append(node.register)
+        self.server = GrpcServer(
+            config.endpoint, register,
+            socket_mode=0o660 if config.socket_group else 0o600,
+            socket_group=config.socket_group or None,
+            max_workers=config.grpc_workers,
+            metrics=RpcMetrics("csi_lvm", self.registry),
+        )
+        self.metrics: MetricsServer | None = None
+
+    def start(self) -> None:
+        if self.lvm is not None and self.cache is not None:
+            removed = sweep(self.lvm, self.config.driver_name)
+            if removed:
+                log.info("start-up sweep removed leftovers", extra={"removed": removed})
+            try:
+                self.cache.refresh()
+            except LvmError as exc:
+                log.warning("lvm report failed at start-up", extra={"error": exc.message})
+            self.cache.start()
+        if self.config.metrics_address:
+            host, port = parse_address(self.config.metrics_address)
+            checks = HealthChecks(ready={"lvm": self.identity.readiness})
+            self.metrics = MetricsServer(host, port, registry=self.registry,
+                                         checks=checks).start()
+        self.server.start()
+        log.info("csi-lvm started", extra={"mode": self.config.mode.value,
+                                           "driver": self.config.driver_name,
+                                           "node_id": self.config.node_id})
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.server.stop(grace)
+        if self.cache is not None:
+            self.cache.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def run_until_signal(self) -> None:
+        self.start()
+        self.server.run_until_signal(on_stop=self._after_stop)
+
+    def _after_stop(self) -> None:
+        if self.cache is not None:
+            self.cache.stop()
+        if self.metrics is not None:
+            self.metrics.stop()

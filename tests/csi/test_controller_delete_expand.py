@@ -1,0 +1,118 @@
+"""DeleteVolume and ControllerExpandVolume (CSI spec v1.12) on real LVM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from csi_lvm.config import Mode
+from edge_proto.csi.v1 import csi_pb2
+from tests.csi.conftest import CsiRig, MiB, block_cap, code_of, create_request, mount_cap
+
+
+def expand(csi: CsiRig, volume_id: str, required: int, limit: int = 0,
+           cap: csi_pb2.VolumeCapability | None = None) -> csi_pb2.ControllerExpandVolumeResponse:
+    req = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=volume_id,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit))
+    if cap is not None:
+        req.volume_capability.CopyFrom(cap)
+    return csi.controller.ControllerExpandVolume(req)
+
+
+def test_delete_volume_removes_the_lv_and_a_second_delete_succeeds(csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-del")).volume
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert csi.our_lvs() == []
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_delete_of_an_unknown_or_malformed_id_succeeds(csi: CsiRig) -> None:
+    for volume_id in (f"{csi.vg.name}/pvc-never", "reallyfakevolumeid", "novg/x"):
+        csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+
+def test_delete_without_an_id_is_invalid_argument(csi: CsiRig) -> None:
+    assert code_of(lambda: csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest())) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delete_never_removes_an_lv_without_our_ownership_tag(
+        csi_factory: Callable[..., CsiRig]) -> None:
+    csi = csi_factory()
+    csi.lvm.lvcreate(csi.vg.name, "foreign", 4 * MiB)
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{csi.vg.name}/foreign"))
+    assert csi.lvm.get_lv(csi.vg.name, "foreign") is not None
+    # nor one of another driver instance (another ownership tag) in the same VG
+    other = csi_factory()
+    theirs = other.controller.CreateVolume(create_request("pvc-theirs")).volume
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=theirs.volume_id))
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-theirs") is not None
+    other.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=theirs.volume_id))
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-theirs") is None
+
+
+def test_expand_grows_the_lv_rounded_to_extents_and_asks_for_node_expansion(
+        csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-e", required=8 * MiB)).volume
+    resp = expand(csi, vol.volume_id, 18 * MiB, cap=mount_cap())
+    assert resp.capacity_bytes == 20 * MiB
+    assert resp.node_expansion_required
+    lv = csi.lvm.get_lv(csi.vg.name, "pvc-e")
+    assert lv is not None and lv.size == 20 * MiB
+
+
+def test_expand_to_a_size_the_volume_already_has_is_a_no_op(csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-e2", required=12 * MiB)).volume
+    assert expand(csi, vol.volume_id, 8 * MiB).capacity_bytes == 12 * MiB
+    assert expand(csi, vol.volume_id, 12 * MiB).capacity_bytes == 12 * MiB
+
+
+def test_expanding_a_raw_block_volume_needs_no_node_step(csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-eb", caps=[block_cap()])).volume
+    assert not expand(csi, vol.volume_id, 16 * MiB, cap=block_cap()).node_expansion_required
+    # without a capability in the request, the volume's own type decides
+    assert not expand(csi, vol.volume_id, 20 * MiB).node_expansion_required
+
+
+def test_expand_errors_follow_the_spec(csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-ee", required=8 * MiB)).volume
+    ctl = csi.controller
+    assert code_of(lambda: ctl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        capacity_range=csi_pb2.CapacityRange(required_bytes=MiB)))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: ctl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: expand(csi, f"{csi.vg.name}/pvc-nope", 16 * MiB)) == \
+        grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: expand(csi, "garbage", 16 * MiB)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: expand(csi, vol.volume_id, 18 * MiB, limit=19 * MiB)) == \
+        grpc.StatusCode.OUT_OF_RANGE
+    vg = csi.lvm.get_vg(csi.vg.name)
+    assert vg is not None
+    assert code_of(lambda: expand(csi, vol.volume_id, vg.size + 64 * MiB)) in (
+        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    lv = csi.lvm.get_lv(csi.vg.name, "pvc-ee")
+    assert lv is not None and lv.size == 8 * MiB
+
+
+def test_expand_beyond_free_space_is_resource_exhausted(csi: CsiRig) -> None:
+    vol = csi.controller.CreateVolume(create_request("pvc-ef", required=8 * MiB)).volume
+    vg = csi.lvm.get_vg(csi.vg.name)
+    assert vg is not None
+    csi.controller.CreateVolume(create_request("pvc-filler", required=vg.free - 4 * MiB))
+    assert code_of(lambda: expand(csi, vol.volume_id, 32 * MiB)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_controller_only_instance_answers_expansion_without_lvm(
+        csi_factory: Callable[..., CsiRig]) -> None:
+    csi = csi_factory(mode=Mode.CONTROLLER, node_id="", lvm_command=["/nonexistent/lvm"])
+    resp = expand(csi, "anyvg/pvc-x", 100 * MiB)
+    assert resp.capacity_bytes == 100 * MiB and resp.node_expansion_required
+    caps = csi.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
+    assert [c.rpc.type for c in caps.capabilities] == [
+        csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME]
+    assert code_of(lambda: csi.controller.CreateVolume(create_request("v"))) == \
+        grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,351 @@
+"""The CSI controller on a kernel with device-mapper (qemu guest): thin volumes and snapshots,
+thick copy-on-write snapshots, restores and clones by copy, wiping, and crash recovery in the
+middle of a copy. Through the driver's own gRPC socket, on the guest's virtio disks.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_lvm.server import Driver
+from csi_lvm.volume import parse_id, read_tags
+from edge_common.lvm import Lvm
+from edge_common.server import unix_channel
+from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
+from tests.csi.conftest import GATE, block_cap, create_request, make_config, mount_cap
+from tests.rigs.lvm import unique_vg_name
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+POOL = "pool0"
+
+
+class KernelCsi:
+    def __init__(self, vg: str, lvm: Lvm, sock_dir: Path, **overrides: Any) -> None:
+        self.vg = vg
+        self.lvm = lvm
+        self.config = make_config(vg, sock_dir, **overrides)
+        self.driver = Driver(self.config)
+        self.driver.start()
+        self.channel = unix_channel(self.config.endpoint)
+        grpc.channel_ready_future(self.channel).result(timeout=60)
+        self.ctl = csi_pb2_grpc.ControllerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.driver.stop(grace=1)
+
+    def ours(self) -> dict[str, Any]:
+        return {lv.name: read_tags(lv.tags, self.config.driver_name)
+                for lv in self.lvm.lvs(self.vg)
+                if read_tags(lv.tags, self.config.driver_name).owned}
+
+
+@pytest.fixture
+def plain_vg(kernel_disks: list[str], lvm: Lvm) -> Iterator[str]:
+    vg = unique_vg_name("csi")
+    lvm.vgcreate(vg, kernel_disks[:2])
+    yield vg
+    lvm.command("vgremove", "--yes", "--force", "--", vg)
+    lvm.command("pvremove", "--yes", "--", *kernel_disks[:2])
+
+
+@pytest.fixture
+def kvg(kernel_disks: list[str], lvm: Lvm) -> Iterator[str]:
+    vg = unique_vg_name("csi")
+    lvm.vgcreate(vg, kernel_disks[:2])
+    lvm.create_thin_pool(vg, POOL, 256 * MiB)
+    yield vg
+    lvm.command("vgremove", "--yes", "--force", "--", vg)
+    lvm.command("pvremove", "--yes", "--", *kernel_disks[:2])
+
+
+@pytest.fixture
+def kcsi(kvg: str, lvm: Lvm) -> Iterator[KernelCsi]:
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(kvg, lvm, sock_dir, default_thin_pool=POOL, thin_overprovision_ratio=2.0)
+    yield csi
+    csi.close()
+    for p in sock_dir.iterdir():
+        p.unlink()
+    sock_dir.rmdir()
+
+
+def device(volume_id: str) -> str:
+    return parse_id(volume_id).device_path
+
+
+def write(volume_id: str, data: bytes, offset: int = 0) -> None:
+    fd = os.open(device(volume_id), os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(volume_id: str, length: int, offset: int = 0) -> bytes:
+    fd = os.open(device(volume_id), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)  # O_DIRECT wants an aligned buffer
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+PATTERN_A = (b"tenant-A-data-" * 1000)[:8192]
+PATTERN_B = (b"tenant-B-data-" * 1000)[:8192]
+
+
+def snapshot(csi: KernelCsi, name: str, source: str, **params: str) -> Any:
+    return csi.ctl.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+        name=name, source_volume_id=source, parameters=params)).snapshot
+
+
+def restore(csi: KernelCsi, name: str, *, snapshot_id: str = "", volume_id: str = "",
+            required: int = 0, **params: str) -> Any:
+    req = create_request(name, required=required, caps=[block_cap()])
+    req.parameters.update(params)
+    if snapshot_id:
+        req.volume_content_source.snapshot.snapshot_id = snapshot_id
+    else:
+        req.volume_content_source.volume.volume_id = volume_id
+    return csi.ctl.CreateVolume(req).volume
+
+
+def delete(csi: KernelCsi, *volume_ids: str, snapshots: tuple[str, ...] = ()) -> None:
+    for snapshot_id in snapshots:
+        csi.ctl.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+    for volume_id in volume_ids:
+        csi.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+
+
+def test_thin_volumes_snapshots_restores_and_clones_keep_their_data(kcsi: KernelCsi) -> None:
+    vol = kcsi.ctl.CreateVolume(create_request("pvc-thin", required=64 * MiB,
+                                               caps=[block_cap()], lvmType="thin")).volume
+    assert vol.volume_context["lvmType"] == "thin"
+    write(vol.volume_id, PATTERN_A, 4 * MiB)
+    snap = snapshot(kcsi, "snapshot-thin", vol.volume_id)
+    assert snap.ready_to_use and snap.size_bytes == 64 * MiB
+    assert snap.source_volume_id == vol.volume_id
+    assert snapshot(kcsi, "snapshot-thin", vol.volume_id).snapshot_id == snap.snapshot_id
+    write(vol.volume_id, PATTERN_B, 4 * MiB)  # after the snapshot: must not show in the restore
+
+    restored = restore(kcsi, "pvc-restored", snapshot_id=snap.snapshot_id, required=96 * MiB,
+                       lvmType="thin")
+    assert restored.capacity_bytes == 96 * MiB
+    assert read(restored.volume_id, len(PATTERN_A), 4 * MiB) == PATTERN_A
+    clone = restore(kcsi, "pvc-clone", volume_id=vol.volume_id, lvmType="thin")
+    assert read(clone.volume_id, len(PATTERN_B), 4 * MiB) == PATTERN_B
+
+    listed = kcsi.ctl.ListSnapshots(csi_pb2.ListSnapshotsRequest(source_volume_id=vol.volume_id))
+    assert [e.snapshot.snapshot_id for e in listed.entries] == [snap.snapshot_id]
+
+    pool = kcsi.lvm.get_lv(kcsi.vg, POOL)
+    assert pool is not None and pool.data_percent is not None
+    cap = kcsi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(
+        parameters={"lvmType": "thin"}, volume_capabilities=[block_cap()]))
+    assert cap.available_capacity == int(int(pool.size * (1 - pool.data_percent / 100)) * 2.0)
+
+    grown = kcsi.ctl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
+        volume_capability=block_cap()))
+    assert grown.capacity_bytes == 128 * MiB and not grown.node_expansion_required
+
+    # a thin origin can go before its snapshot: they are independent
+    delete(kcsi, vol.volume_id, restored.volume_id, clone.volume_id)
+    assert list(kcsi.ours()) == [parse_id(snap.snapshot_id).lv]
+    delete(kcsi, snapshots=(snap.snapshot_id,))
+    assert kcsi.ours() == {}
+
+
+def test_thick_snapshots_restore_by_copy_and_clones_are_consistent(kcsi: KernelCsi) -> None:
+    vol = kcsi.ctl.CreateVolume(create_request("pvc-thick", required=32 * MiB,
+                                               caps=[block_cap()])).volume
+    write(vol.volume_id, PATTERN_A, 0)
+    write(vol.volume_id, PATTERN_A, 32 * MiB - len(PATTERN_A))
+    snap = snapshot(kcsi, "snapshot-thick", vol.volume_id, snapshotSize="50%")
+    snap_lv = kcsi.lvm.get_lv(kcsi.vg, parse_id(snap.snapshot_id).lv)
+    assert snap_lv is not None and snap_lv.attr.snapshot
+    assert snap.size_bytes == 32 * MiB and snap.ready_to_use
+    write(vol.volume_id, PATTERN_B, 0)
+
+    restored = restore(kcsi, "pvc-from-snap", snapshot_id=snap.snapshot_id, required=40 * MiB)
+    assert restored.capacity_bytes == 40 * MiB
+    assert read(restored.volume_id, len(PATTERN_A)) == PATTERN_A
+    assert read(restored.volume_id, len(PATTERN_A), 32 * MiB - len(PATTERN_A)) == PATTERN_A
+    assert read(restored.volume_id, MiB, 39 * MiB) == bytes(MiB)  # beyond the source: zeros
+
+    clone = restore(kcsi, "pvc-thick-clone", volume_id=vol.volume_id)
+    assert read(clone.volume_id, len(PATTERN_B)) == PATTERN_B
+    assert not any(name.startswith("snaptmp-") for name in kcsi.ours())
+
+    smaller = create_request("pvc-small", required=16 * MiB, limit=16 * MiB, caps=[block_cap()])
+    smaller.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+    with pytest.raises(grpc.RpcError) as err:
+        kcsi.ctl.CreateVolume(smaller)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+    with pytest.raises(grpc.RpcError) as err:
+        delete(kcsi, vol.volume_id)  # it has a copy-on-write snapshot
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    delete(kcsi, restored.volume_id, clone.volume_id, vol.volume_id,
+           snapshots=(snap.snapshot_id,))
+    assert kcsi.ours() == {}
+
+
+def test_wipe_on_delete_zeroes_the_extents_and_new_volumes_never_show_old_data(
+        kcsi: KernelCsi) -> None:
+    # wipeOnDelete: zero -- checked on the PV itself, after the LV is gone
+    vol = kcsi.ctl.CreateVolume(create_request("pvc-wipe", required=8 * MiB,
+                                               caps=[block_cap()], wipeOnDelete="zero")).volume
+    write(vol.volume_id, b"\xee" * (8 * MiB))
+    ref = parse_id(vol.volume_id)
+    out = kcsi.lvm.command("lvs", "--noheadings", "-o", "seg_pe_ranges", f"{ref.vg}/{ref.lv}")
+    pv, _, extents = out.stdout_text.strip().partition(":")
+    first = int(extents.split("-")[0])
+    pe_start = int(kcsi.lvm.command("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o",
+                                    "pe_start", pv).stdout_text.strip())
+    vg = kcsi.lvm.get_vg(ref.vg)
+    assert vg is not None
+    offset = pe_start + first * vg.extent_size
+    delete(kcsi, vol.volume_id)
+    fd = os.open(pv, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, 8 * MiB, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, 8 * MiB, offset) == bytes(8 * MiB)
+    finally:
+        os.close(fd)
+
+    # no wipe on delete: the next tenant of the same extents still sees nothing of it
+    size = 32 * MiB
+    first_vol = kcsi.ctl.CreateVolume(create_request("pvc-old", required=size,
+                                                     caps=[block_cap()])).volume
+    write(first_vol.volume_id, b"\xab" * size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", device(first_vol.volume_id)], check=True,
+                   timeout=120)
+    delete(kcsi, first_vol.volume_id)
+    block = kcsi.ctl.CreateVolume(create_request("pvc-new-block", required=size,
+                                                 caps=[block_cap()])).volume
+    assert read(block.volume_id, size) == bytes(size)
+    write(block.volume_id, b"\xcd" * size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", device(block.volume_id)], check=True, timeout=120)
+    delete(kcsi, block.volume_id)
+    fs = kcsi.ctl.CreateVolume(create_request("pvc-new-fs", required=size,
+                                              caps=[mount_cap("ext4")])).volume
+    assert read(fs.volume_id, MiB) == bytes(MiB)
+    assert read(fs.volume_id, MiB, size - MiB) == bytes(MiB)
+    probe = subprocess.run(["blkid", "-p", device(fs.volume_id)], capture_output=True,
+                           timeout=60, check=False)
+    assert probe.returncode == 2, probe.stdout  # 2: no signature recognised
+    delete(kcsi, fs.volume_id)
+
+
+def test_sigkill_in_the_middle_of_a_clone_leaves_no_orphan_and_the_retry_succeeds(
+        plain_vg: str, lvm: Lvm, tmp_path: Path) -> None:
+    kvg = plain_vg
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    cfg = make_config(kvg, sock_dir)
+    env = {**os.environ, "CSI_GATE_DIR": str(gate_dir)}
+    argv = [sys.executable, "-m", "csi_lvm", "--endpoint", cfg.endpoint, "--node-id",
+            cfg.node_id, "--driver-name", cfg.driver_name, "--default-vg", kvg,
+            "--lvm-command", f"{sys.executable},-I,-S,{GATE}"]
+    log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115
+
+    def start() -> tuple[subprocess.Popen[bytes], csi_pb2_grpc.ControllerStub, grpc.Channel]:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
+        channel = unix_channel(cfg.endpoint)
+        grpc.channel_ready_future(channel).result(timeout=120)
+        return proc, csi_pb2_grpc.ControllerStub(channel), channel
+
+    proc, ctl, channel = start()
+    try:
+        src = ctl.CreateVolume(create_request("pvc-src", required=16 * MiB,
+                                              caps=[block_cap()])).volume
+        write(src.volume_id, PATTERN_A)
+        # hold the removal of the temporary snapshot: the copy is done, nothing is finished
+        (gate_dir / "armed").write_text("lvremove")
+        req = create_request("pvc-dst", required=16 * MiB, caps=[block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+
+        failure: list[grpc.RpcError] = []
+
+        def call() -> None:
+            try:
+                ctl.CreateVolume(req)
+            except grpc.RpcError as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 100
+        while not (gate_dir / "reached").exists():
+            if not thread.is_alive() or time.monotonic() > deadline:
+                log.flush()
+                raise AssertionError(f"the clone never reached the gate ({failure}):\n"
+                                     + (tmp_path / "driver.log").read_text()[-5000:])
+            time.sleep(0.05)
+        held = int((gate_dir / "reached").read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        channel.close()
+        (gate_dir / "drop").write_text("")
+        thread.join(timeout=60)
+        _wait_gone(held)
+        owner = f"csi-lvm.edge.io/owner={cfg.driver_name}"
+        before = sorted(lv.name for lv in lvm.lvs(kvg) if owner in lv.tags)
+        assert any(n.startswith("snaptmp-") for n in before) and "pvc-dst" in before
+
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+    # The restart (in-process here: same code, no second interpreter start under TCG): the
+    # start-up sweep removes the leftovers before the socket opens.
+    csi = KernelCsi(kvg, lvm, sock_dir, driver_name=cfg.driver_name)
+    try:
+        after = sorted(lv.name for lv in lvm.lvs(kvg) if owner in lv.tags)
+        assert after == ["pvc-src"]
+        dst = csi.ctl.CreateVolume(req).volume  # the caller's retry
+        assert read(dst.volume_id, len(PATTERN_A)) == PATTERN_A
+        assert sorted(csi.ours()) == ["pvc-dst", "pvc-src"]
+        assert not any(o.pending for o in csi.ours().values())
+    finally:
+        csi.close()  # the kvg fixture removes the VG
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
+
+
+def _wait_gone(pid: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] \
+            if Path(f"/proc/{pid}/stat").exists() else ""
+        if state == "Z":
+            return
+        assert time.monotonic() < deadline, "the held lvm call never finished"
+        time.sleep(0.05)
+
