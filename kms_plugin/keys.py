@@ -1,0 +1,345 @@
+"""The local key hierarchy: root key (backend) -> local KEK (memory) -> seeds/DEKs.
+
+The plugin generates a local key-encryption key (AES-256), has the backend wrap it once and
+keeps it in memory; every Encrypt seals with it, with no backend call.  The wrapped local KEK
+travels in the annotation (:class:`~kms_plugin.envelope.KekRecord`), so any plugin process can
+read the ciphertext later by unwrapping it once through the backend; unwrapped KEKs stay in a
+bounded LRU cache whose misses are single-flight.
+
+The *current key* is one immutable :class:`LocalKek` object swapped atomically (one reference
+assignment), so the key_id answered by Status and the key_id returned with a ciphertext always
+come from the same snapshot.  The local KEK rotates by age and by use count (configurable, far
+below AES-GCM's 2^32 random-nonce limit); that changes neither key_id nor anything the
+apiserver sees except the annotation.  key_id changes only when the backend's root key version
+changes (:meth:`KeyManager.refresh_root`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms_plugin.backends.base import KeyBackend, RootKeyVersion
+from kms_plugin.backends.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidCiphertext,
+)
+from kms_plugin.cache import SingleFlightLRU, WaitTimeout
+from kms_plugin.envelope import (
+    ANNOTATION_KEY,
+    KEY_SIZE,
+    MAX_SEALED_PLAINTEXT,
+    NONCE_SIZE,
+    EnvelopeError,
+    KekRecord,
+    LegacyBlob,
+    SealedSeed,
+    derive_key_id,
+    key_id_hash,
+    local_kek_context,
+    parse_decrypt_request,
+    parse_legacy_blob,
+)
+
+log = logging.getLogger("kms_plugin.keys")
+
+# AES-GCM with random 96-bit nonces: stay far below 2^32 messages per key.  The soft limit
+# (policy.max_uses) triggers a background rotation; the hard limit refuses to encrypt.
+HARD_MAX_USES = 2**30
+MAX_POLICY_USES = 2**28
+
+
+@dataclass(frozen=True)
+class KekPolicy:
+    max_age_seconds: float = 24 * 3600.0
+    max_uses: int = 1_000_000
+    verify_wrap: bool = True  # unwrap a freshly wrapped local KEK once before using it
+
+    def __post_init__(self) -> None:
+        if self.max_age_seconds <= 0:
+            raise ValueError("local KEK max age must be > 0")
+        if not 1 <= self.max_uses <= MAX_POLICY_USES:
+            raise ValueError(f"local KEK max uses must be within 1..{MAX_POLICY_USES}")
+
+
+class KeyEvents:
+    """Hooks the key manager calls; the defaults do nothing (metrics override them)."""
+
+    def cache_event(self, kind: str) -> None:  # "hit" | "miss" | "coalesced"
+        pass
+
+    def kek_created(self, reason: str, kek: LocalKek) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class LocalKek:
+    """One local KEK and the record that names it.  Immutable except the use counter."""
+
+    record: KekRecord
+    record_bytes: bytes
+    key_id: str
+    aead: AESGCM
+    created_at: float  # time.monotonic()
+    created_wall: float  # time.time()
+    _uses: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _used: int = 0
+
+    @property
+    def kek_id(self) -> bytes:
+        return self.record.kek_id
+
+    @property
+    def root(self) -> RootKeyVersion:
+        return self.record.root
+
+    @property
+    def annotations(self) -> dict[str, bytes]:
+        return {ANNOTATION_KEY: self.record_bytes}
+
+    def take_use(self) -> int:
+        # next() on itertools.count is atomic under the GIL: no lock on the hot path
+        n = next(self._uses)
+        self._used = n
+        return n
+
+    @property
+    def uses(self) -> int:
+        return self._used
+
+    def age(self, now: float | None = None) -> float:
+        return (time.monotonic() if now is None else now) - self.created_at
+
+
+def _cache_key(record_bytes: bytes) -> bytes:
+    # the record itself (at most a few hundred bytes): hashing it costs less than a digest
+    return record_bytes
+
+
+class KeyManager:
+    def __init__(
+        self,
+        backend: KeyBackend,
+        backend_name: str,
+        *,
+        policy: KekPolicy | None = None,
+        cache_size: int = 4096,
+        events: KeyEvents | None = None,
+        on_rotation_due: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.backend_name = backend_name
+        self.policy = policy or KekPolicy()
+        self._events = events or KeyEvents()
+        self._cache: SingleFlightLRU[bytes, AESGCM] = SingleFlightLRU(
+            cache_size, on_event=self._events.cache_event
+        )
+        self._current: LocalKek | None = None
+        self._encrypt_block: BackendError | None = None
+        self._swap_lock = threading.Lock()  # serialises creation of new local KEKs
+        self._on_rotation_due = on_rotation_due
+        self._clock = clock
+
+    # --- the snapshot --------------------------------------------------------------------
+
+    @property
+    def current(self) -> LocalKek | None:
+        return self._current
+
+    def status_key_id(self) -> str:
+        cur = self._current
+        return cur.key_id if cur is not None else ""
+
+    def block_encrypt(self, reason: BackendError | None) -> None:
+        """Refuse (or allow again) Encrypt, e.g. while the root key is disabled."""
+        self._encrypt_block = reason
+
+    @property
+    def encrypt_blocked(self) -> BackendError | None:
+        return self._encrypt_block
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)
+
+    # --- creating local KEKs (background: start-up, refresh, rotation) --------------------
+
+    def _new_kek(self, deadline: float | None) -> LocalKek:
+        key = AESGCM.generate_key(bit_length=256)
+        kek_id = os.urandom(16)
+        context = local_kek_context(kek_id)
+        result = self.backend.wrap(key, context, deadline=deadline)
+        try:
+            record = KekRecord(kek_id, self.backend_name, result.key, result.ciphertext)
+        except EnvelopeError as exc:
+            raise BackendError(f"backend returned an unusable wrap result: {exc.reason}") from exc
+        if self.policy.verify_wrap:
+            check = self.backend.unwrap(result.ciphertext, result.key, context, deadline=deadline)
+            if check != key:
+                raise InvalidCiphertext("backend failed to unwrap a freshly wrapped local KEK")
+        record_bytes = record.encode()
+        aead = AESGCM(key)
+        self._cache.put(_cache_key(record_bytes), aead)
+        return LocalKek(
+            record=record,
+            record_bytes=record_bytes,
+            key_id=derive_key_id(self.backend_name, result.key),
+            aead=aead,
+            created_at=self._clock(),
+            created_wall=time.time(),
+        )
+
+    def _install(self, kek: LocalKek, reason: str) -> None:
+        old = self._current
+        self._current = kek  # the one atomic swap
+        self._events.kek_created(reason, kek)
+        if old is None or old.key_id != kek.key_id:
+            log.info(
+                "key_id is now %s (root key %s version %s, reason %s)",
+                key_id_hash(kek.key_id),
+                kek.root.key_ref,
+                kek.root.version,
+                reason,
+                extra={"key_id_hash": key_id_hash(kek.key_id), "reason": reason},
+            )
+        else:
+            log.info(
+                "local KEK rotated (reason %s), key_id unchanged",
+                reason,
+                extra={"key_id_hash": key_id_hash(kek.key_id), "reason": reason},
+            )
+
+    def refresh_root(self, *, deadline: float | None = None) -> bool:
+        """Ask the backend for its current root key version; new version -> new key_id.
+
+        Returns True when a new local KEK (and key_id) was installed.
+        """
+        root = self.backend.current_key(deadline=deadline)
+        with self._swap_lock:
+            cur = self._current
+            if cur is not None and cur.root == root:
+                return False
+            kek = self._new_kek(deadline)
+            self._install(kek, "startup" if cur is None else "root-key-changed")
+            return True
+
+    def rotation_due(self, now: float | None = None) -> str | None:
+        """Why the local KEK should rotate now ("age" / "uses"), or None."""
+        cur = self._current
+        if cur is None:
+            return None
+        if cur.uses >= self.policy.max_uses:
+            return "uses"
+        if cur.age(self._clock() if now is None else now) >= self.policy.max_age_seconds:
+            return "age"
+        return None
+
+    def rotate_local_kek(self, reason: str, *, deadline: float | None = None) -> None:
+        """Wrap a fresh local KEK under the current root key and install it."""
+        with self._swap_lock:
+            self._install(self._new_kek(deadline), reason)
+
+    # --- the hot paths -------------------------------------------------------------------
+
+    def _kek_for_encrypt(self) -> LocalKek:
+        blocked = self._encrypt_block
+        if blocked is not None:
+            raise type(blocked)(str(blocked))
+        kek = self._current
+        if kek is None:
+            raise BackendUnavailable("no root key is available yet")
+        uses = kek.take_use()
+        if uses >= HARD_MAX_USES:
+            raise BackendUnavailable(
+                "local KEK reached its use limit and the backend could not wrap a new one"
+            )
+        if uses == self.policy.max_uses and self._on_rotation_due is not None:
+            self._on_rotation_due()
+        return kek
+
+    def encrypt_seed(self, plaintext: bytes) -> tuple[bytes, str, dict[str, bytes]]:
+        """KMS v2 Encrypt: (ciphertext, key_id, annotations)."""
+        if not 1 <= len(plaintext) <= MAX_SEALED_PLAINTEXT:
+            raise EnvelopeError("plaintext length out of range")
+        kek = self._kek_for_encrypt()
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = kek.aead.encrypt(nonce, plaintext, SealedSeed.aad(kek.kek_id, kek.key_id))
+        ciphertext = SealedSeed(kek.kek_id, nonce, sealed).encode()
+        return ciphertext, kek.key_id, kek.annotations
+
+    def encrypt_legacy(self, plaintext: bytes) -> tuple[bytes, str]:
+        """KMS v1beta1 Encrypt: one self-contained blob (and the key_id inside it)."""
+        if not plaintext:
+            raise EnvelopeError("empty plaintext")
+        kek = self._kek_for_encrypt()
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = kek.aead.encrypt(nonce, plaintext, LegacyBlob.aad(kek.kek_id, kek.key_id))
+        return LegacyBlob(kek.key_id, kek.record_bytes, nonce, sealed).encode(), kek.key_id
+
+    def _kek_for_decrypt(
+        self, record: KekRecord, record_bytes: bytes, deadline: float | None
+    ) -> AESGCM:
+        if record.backend != self.backend_name:
+            raise EnvelopeError("record names another backend")
+
+        def load() -> AESGCM:
+            key = self.backend.unwrap(
+                record.wrapped, record.root, local_kek_context(record.kek_id), deadline=deadline
+            )
+            if len(key) != KEY_SIZE:
+                raise InvalidCiphertext("backend returned a key of the wrong size")
+            return AESGCM(key)
+
+        try:
+            return self._cache.get_or_load(_cache_key(record_bytes), load, deadline=deadline)
+        except WaitTimeout as exc:
+            raise BackendUnavailable("backend did not answer within the request deadline") from exc
+
+    def decrypt_seed(
+        self,
+        ciphertext: bytes,
+        key_id: str,
+        annotations: Mapping[str, bytes],
+        *,
+        deadline: float | None = None,
+    ) -> bytes:
+        """KMS v2 Decrypt.  Strict parsing first; any mismatch is an EnvelopeError."""
+        inp = parse_decrypt_request(ciphertext, key_id, annotations)
+        aead = self._kek_for_decrypt(inp.record, inp.record_bytes, deadline)
+        try:
+            return aead.decrypt(
+                inp.sealed.nonce, inp.sealed.sealed, SealedSeed.aad(inp.sealed.kek_id, key_id)
+            )
+        except InvalidTag as exc:
+            raise EnvelopeError("authentication failed") from exc
+
+    def decrypt_legacy(
+        self, blob: bytes, *, deadline: float | None = None
+    ) -> tuple[bytes, str]:
+        """KMS v1beta1 Decrypt: (plaintext, key_id of the blob)."""
+        legacy, record = parse_legacy_blob(blob)
+        aead = self._kek_for_decrypt(record, legacy.record, deadline)
+        try:
+            plain = aead.decrypt(
+                legacy.nonce, legacy.sealed, LegacyBlob.aad(record.kek_id, legacy.key_id)
+            )
+            return plain, legacy.key_id
+        except InvalidTag as exc:
+            raise EnvelopeError("authentication failed") from exc
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.backend.close()
+
+
+__all__ = ["HARD_MAX_USES", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]
