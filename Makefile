@@ -14,7 +14,7 @@ lint:
 	$(VENV)/bin/ruff check .
 
 typecheck:
-	$(VENV)/bin/mypy edge_common edge_proto csi_lvm node_resource_manager kms_plugin edge_demo kernel_guest
+	$(VENV)/bin/mypy edge_common edge_proto csi_lvm node_resource_manager kms_plugin edge_demo kernel_guest benchmarks
 
 unit:
 	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
@@ -28,7 +28,9 @@ demo:
 	$(PY) -m edge_demo
 
 bench:
-	$(PY) -m benchmarks.run_all
+	$(PY) benchmarks/nrm_bench.py --write-docs
+	$(PY) benchmarks/csi_bench.py --write-docs
+	$(PY) benchmarks/kms_bench.py --write-docs
 
 docs:
 	$(PY) scripts/gen_docs.py

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import secrets
 import signal
 import statistics
@@ -38,6 +37,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import rss_kib, write_section  # noqa: E402
 from edge_common.devmapper import has_device_mapper  # noqa: E402
 from edge_common.loopdisk import loop_disks  # noqa: E402
 from edge_common.lvm import Lvm  # noqa: E402
@@ -72,11 +72,6 @@ def create_req(name: str) -> csi_pb2.CreateVolumeRequest:
         volume_capabilities=[cap()])
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def run(iterations: int, batch: int) -> dict[str, float]:
@@ -221,14 +216,7 @@ def report(r: dict[str, float], iterations: int, batch: int) -> str:
 
 
 def write_docs(section: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(SECTION, section)
 
 
 def main() -> int:

@@ -44,6 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import rss_kib, write_section  # noqa: E402
+
 SECTION = "## KMS plugin"
 CLIENT_COUNTS = (1, 16)
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -237,10 +239,7 @@ class Server:
         raise RuntimeError("no metrics port in the log")
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_kib(self.proc.pid) / 1024
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -419,14 +418,7 @@ def report(r: dict[str, Any], calls: int, rounds: int) -> str:
 
 
 def write_docs(section: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(SECTION, section)
 
 
 def main() -> int:

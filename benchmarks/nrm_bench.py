@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import secrets
 import signal
 import statistics
@@ -40,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_section  # noqa: E402
 from edge_common.commands import CommandResult  # noqa: E402
 from edge_common.devmapper import has_device_mapper  # noqa: E402
 from edge_common.loopdisk import LoopDisk, loop_disks  # noqa: E402
@@ -311,14 +311,7 @@ def render(r: dict[str, float], iterations: int) -> str:
 
 
 def write_docs(section: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(SECTION, section)
 
 
 def main() -> int:

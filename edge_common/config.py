@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 T = TypeVar("T")
 
 _META = "edge_option"
@@ -217,6 +215,8 @@ def _show(value: Any) -> str:
 
 
 def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml  # only services started with --config pay for it (about 1 MiB resident)
+
     try:
         text = Path(path).read_text()
     except OSError as exc:
