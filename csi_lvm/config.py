@@ -116,6 +116,11 @@ class CsiConfig:
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
         "consistent while the source is in use",
     )
+    advertise_get_snapshot: bool = option(
+        False, help="advertise the alpha GET_SNAPSHOT controller capability (CSI 1.12; the "
+        "GetSnapshot RPC answers either way): off by default because conformance suites and "
+        "sidecars built against older specs reject capabilities they do not know",
+    )
     max_volumes_per_node: int = option(
         0, help="NodeGetInfo max_volumes_per_node (0: no limit)", metavar="N",
     )

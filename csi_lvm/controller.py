@@ -23,6 +23,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import blockdev
 from csi_lvm.capabilities import capability_error, is_block
-from csi_lvm.capacity import CapacityCache, max_striped_size
+from csi_lvm.capacity import CapacityCache, ThinPoolSpace, max_striped_size
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
 from csi_lvm.locks import InFlight
 from csi_lvm.params import (
@@ -66,6 +67,7 @@ from csi_lvm.volume import (
 )
 from edge_common.errors import (
     AlreadyExists,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -112,6 +114,11 @@ def lvm_failure(exc: LvmError, doing: str) -> ServiceError:
     if exc.is_no_space():
         return ResourceExhausted(f"{doing}: not enough free space: {exc.message}")
     return Internal(f"{doing}: {exc.message}")
+
+
+def _refusal(exc: LvmError) -> bool:
+    """LVM ran and said no (not a timeout, a missing binary or a lack of space)."""
+    return not isinstance(exc, (LvmTimeout, LvmCommandNotFound)) and not exc.is_no_space()
 
 
 @contextlib.contextmanager
@@ -230,6 +237,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self.segments = {config.topology_key: config.node_id}
         # Data operations (zeroing, copying, COW snapshots) need device-mapper.
         self.live = lvm is not None and not lvm.settings.activation_disabled
+        # CSI names are global to the driver, not per VG: LV names this process created, by
+        # VG, so that the same name asked for in another VG is recognised without an lvm
+        # call (the capacity cache's report covers what existed before; see _elsewhere).
+        self._made: dict[str, set[str]] = {}
+        self._made_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
 
@@ -281,6 +293,44 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise lvm_failure(exc, doing) from exc
         finally:
             self.cache.invalidate()
+        self._forget(ref)
+
+    def _remember(self, ref: LvRef) -> None:
+        with self._made_lock:
+            self._made.setdefault(ref.lv, set()).add(ref.vg)
+
+    def _forget(self, ref: LvRef) -> None:
+        with self._made_lock:
+            vgs = self._made.get(ref.lv)
+            if vgs is not None:
+                vgs.discard(ref.vg)
+                if not vgs:
+                    del self._made[ref.lv]
+
+    def _elsewhere(self, ref: LvRef, kind: str, csi_name: str) -> LvRef | None:
+        """The volume (or snapshot) of this CSI name in ANOTHER volume group, if any.
+
+        A CSI name identifies one volume for the whole driver, whatever vgName the request
+        carries, and the derived LV name is the same in every VG. Candidates come from memory
+        (the capacity cache's last report, and what this process created since), so a create
+        with no namesake anywhere costs no lvm call; each candidate is then checked with LVM.
+        """
+        with self._made_lock:
+            candidates = set(self._made.get(ref.lv, ()))
+        report = self._cache.cached() if self._cache is not None else None
+        if report is not None:
+            candidates.update(lv.vg_name for lv in report.lvs if lv.name == ref.lv)
+        candidates.discard(ref.vg)
+        for vg in sorted(candidates):
+            other = LvRef(vg, ref.lv)
+            found = self._get(other)
+            if found is None:
+                self._forget(other)
+                continue
+            _lv, own = found
+            if own.owned and own.kind == kind and own.name == csi_name and not own.pending:
+                return other
+        return None
 
     def _pool_of(self, lv: LogicalVolume) -> LogicalVolume | None:
         if not lv.pool_lv or self._cache is None:
@@ -321,9 +371,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             types = [RPC.EXPAND_VOLUME]
         else:
             types = [RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY,
-                     RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.GET_SNAPSHOT,
+                     RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
                      RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.GET_VOLUME, RPC.VOLUME_CONDITION,
                      RPC.SINGLE_NODE_MULTI_WRITER]
+            if self.cfg.advertise_get_snapshot:
+                # Alpha in CSI 1.12: csi-sanity releases (and sidecars) built against older
+                # specs fail on a capability they do not know, so it is opt-in.
+                types.append(RPC.GET_SNAPSHOT)
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in types])
 
@@ -375,8 +429,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         shared = [f"lv:{source_id}"] if source_id else []
         with log_context(volume_id=ref.id, volume_name=name), \
                 self.locks.hold(f"volume-name:{name}", f"lv:{ref.id}", shared=shared):
+            elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
+            if elsewhere is not None:
+                raise AlreadyExists(
+                    f"volume {name!r} already exists in volume group {elsewhere.vg} "
+                    f"({elsewhere.id}); a name identifies one volume across all of this "
+                    f"driver's volume groups, not {params.vg!r} too")
             vol = self._create_volume(request, name, ref, params, caps, required, limit,
                                       source_kind, source_id)
+            self._remember(ref)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
     def _create_volume(self, request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
@@ -395,35 +456,45 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         stripes = None
         unit = vg.extent_size
         report = self.cache.report()
-        if params.lvm_type is LvmType.STRIPED:
-            pv_count = len(report.pvs_of(vg.name)) or vg.pv_count
-            stripes = params.stripes or pv_count
-            if stripes < 2 or stripes > pv_count:
-                raise ResourceExhausted(
-                    f"{stripes} stripes need as many physical volumes; volume group {vg.name} "
-                    f"has {pv_count}")
-            unit = vg.extent_size * stripes
-        size = choose_size(required, limit, unit, self.cfg.default_volume_size,
-                           source.size if source else 0)
+        pool: ThinPoolSpace | None = None
+        try:
+            if params.lvm_type is LvmType.STRIPED:
+                pv_count = len(report.pvs_of(vg.name)) or vg.pv_count
+                stripes = params.stripes or pv_count
+                if stripes < 2 or stripes > pv_count:
+                    raise ResourceExhausted(
+                        f"{stripes} stripes need as many physical volumes; volume group "
+                        f"{vg.name} has {pv_count}")
+                unit = vg.extent_size * stripes
+            size = choose_size(required, limit, unit, self.cfg.default_volume_size,
+                               source.size if source else 0)
 
-        pool = None
-        if params.lvm_type is LvmType.THIN:
-            assert params.thin_pool is not None
-            with lvm_errors("reading the thin pool"):
-                pool = self.cache.thin_pool(vg.name, params.thin_pool)
-            if pool is None:
-                raise ResourceExhausted(
-                    f"thin pool {vg.name}/{params.thin_pool} does not exist on node "
-                    f"{self.cfg.node_id}")
-            if size > pool.maximum:
-                raise OutOfRange(f"{size} bytes exceed the largest volume thin pool "
-                                 f"{params.thin_pool} accepts ({pool.maximum} bytes)")
-        else:
-            largest = vg.size if stripes is None else max_striped_size_total(report, vg.name,
-                                                                             stripes)
-            if size > largest:
-                raise OutOfRange(f"{size} bytes exceed the largest volume volume group "
-                                 f"{vg.name} can hold ({largest} bytes)")
+            if params.lvm_type is LvmType.THIN:
+                assert params.thin_pool is not None
+                with lvm_errors("reading the thin pool"):
+                    pool = self.cache.thin_pool(vg.name, params.thin_pool)
+                if pool is None:
+                    raise ResourceExhausted(
+                        f"thin pool {vg.name}/{params.thin_pool} does not exist on node "
+                        f"{self.cfg.node_id}")
+                if size > pool.maximum:
+                    raise OutOfRange(f"{size} bytes exceed the largest volume thin pool "
+                                     f"{params.thin_pool} accepts ({pool.maximum} bytes)")
+            else:
+                largest = vg.size if stripes is None else max_striped_size_total(
+                    report, vg.name, stripes)
+                if size > largest:
+                    raise OutOfRange(f"{size} bytes exceed the largest volume volume group "
+                                     f"{vg.name} can hold ({largest} bytes)")
+        except (OutOfRange, ResourceExhausted):
+            # A volume of this name that exists already answers first: a capacity the VG
+            # could never hold is still ALREADY_EXISTS (or the volume itself) for it.
+            found = self._get(ref)
+            if found is not None:
+                vol = self._existing(ref, found, name, 0, required, limit, ctx, source_tag)
+                if vol is not None:
+                    return vol
+            raise
 
         # Idempotency: the derived name is the key.
         plan = self._plan(params, caps, source, pool is not None and pool.pool.attr.zeroing)
@@ -713,6 +784,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 try:
                     self.lvm.lvextend(ref.vg, ref.lv, size)
                 except LvmError as exc:
+                    if lv.attr.origin and not lv.is_thin and _refusal(exc):
+                        raise FailedPrecondition(
+                            f"volume {ref} has copy-on-write snapshots and LVM refuses to grow "
+                            f"it while they exist ({exc.message}); delete its snapshots, "
+                            "then retry the expansion") from exc
                     raise lvm_failure(exc, f"extending {ref}") from exc
                 finally:
                     self.cache.invalidate()
@@ -866,6 +942,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         source_tag = f"{KIND_VOLUME}:{src.id}"
         with log_context(snapshot_id=ref.id, volume_id=src.id, snapshot_name=name), \
                 self.locks.hold(f"snapshot-name:{name}", f"lv:{ref.id}", shared=[f"lv:{src.id}"]):
+            elsewhere = self._elsewhere(ref, KIND_SNAPSHOT, name)
+            if elsewhere is not None:
+                raise AlreadyExists(
+                    f"snapshot {name!r} already exists in volume group {elsewhere.vg} "
+                    f"({elsewhere.id}), for another source volume than {src.id}")
             found = self._get(ref)
             if found is not None:
                 lv, own = found
@@ -904,6 +985,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise lvm_failure(exc, f"creating snapshot {ref}") from exc
             finally:
                 self.cache.invalidate()
+            self._remember(ref)
             log.info("snapshot created", extra={"thin": cow is None, "cow_bytes": cow})
             snap = csi_pb2.Snapshot(size_bytes=origin.size, snapshot_id=ref.id,
                                     source_volume_id=src.id, creation_time=_timestamp(created),

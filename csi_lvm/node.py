@@ -626,10 +626,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 problem = vol.problem
             rdev = _rdev(vol.device_path)
             if block:
-                if entry is None:
-                    raise NotFound(f"volume {volume_id} is not published at {path}")
+                # The device node itself is the proof (the path may be a symlink to the bind).
                 if rdev is not None and st.st_rdev != rdev:
                     raise NotFound(f"{path} holds another device, not volume {volume_id}")
+                if rdev is None and entry is None:
+                    raise NotFound(f"volume {volume_id} is not published at {path}")
             elif entry is None:
                 if not stat.S_ISDIR(st.st_mode):
                     raise NotFound(f"volume {volume_id} is not published at {path}")
@@ -686,7 +687,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             entry = self.mounter.find(path)
             rdev = _rdev(vol.device_path)
             if block:
-                if entry is None or st.st_rdev != rdev:
+                if st.st_rdev != rdev:
                     raise NotFound(f"volume {volume_id} is not published at {path}")
             elif entry is None or not _holds_device(entry, vol.device_path):
                 raise NotFound(f"volume {volume_id} is not mounted at {path}")

@@ -12,7 +12,9 @@ File format (JSON, written by ``kms-plugin keygen`` / ``kms-plugin rotate``, mod
       ]
     }
 
-The version of a key is ``g<generation>``.  A generation is allocated once from
+Operators name a key ``g<generation>``; the version the plugin reports (and key_ids derive
+from) is ``g<generation>.<fingerprint>``, an HMAC of the material, so two rings made apart
+never share a key_id.  A generation is allocated once from
 ``next_generation``; putting an old key back into service (``rotate --reinstate g2``) copies
 its material under a *new* generation, so a key_id is never repeated.  The primary must carry
 the highest generation of the keys that are not staged: a file edited by hand to move an old
@@ -35,6 +37,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import stat
@@ -77,7 +81,18 @@ class RingKey:
 
     @property
     def version(self) -> str:
+        """The generation as operators name it (``rotate --promote g3``)."""
         return f"g{self.generation}"
+
+    @property
+    def root_version(self) -> str:
+        """The version reported to the core: generation plus a fingerprint of the material.
+
+        Two keyrings made apart (or ``keygen --force``) both start at g1; the fingerprint keeps
+        their key_ids apart, so a key_id never names two different keys.
+        """
+        mac = hmac.new(self.key, b"kms-plugin local key fingerprint v1", hashlib.sha256)
+        return f"{self.version}.{mac.hexdigest()[:12]}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,8 +114,9 @@ class Keyring:
         return self.keys[0]
 
     def find(self, version: str) -> RingKey | None:
+        """The key named gN (as operators write it) or gN.<fingerprint> (as the core has it)."""
         for key in self.keys:
-            if key.version == version:
+            if version in (key.version, key.root_version):
                 return key
         return None
 
@@ -341,7 +357,7 @@ class LocalBackend(KeyBackend):
 
     def current_key(self, *, deadline: float | None = None) -> RootKeyVersion:
         ring = self._reload()
-        return RootKeyVersion(ring.name, ring.primary.version)
+        return RootKeyVersion(ring.name, ring.primary.root_version)
 
     def wrap(
         self, plaintext: bytes, context: Mapping[str, str], *, deadline: float | None = None
@@ -351,9 +367,9 @@ class LocalBackend(KeyBackend):
         if key.state == "disabled":
             raise KeyDisabled(f"root key {ring.name} {key.version} is disabled")
         nonce = os.urandom(_NONCE)
-        sealed = AESGCM(key.key).encrypt(nonce, plaintext, _aad(ring.name, key.version, context))
-        blob = bytes([_BLOB_V1]) + nonce + sealed
-        return WrapResult(blob, RootKeyVersion(ring.name, key.version))
+        root = RootKeyVersion(ring.name, key.root_version)
+        sealed = AESGCM(key.key).encrypt(nonce, plaintext, _aad(ring.name, root.version, context))
+        return WrapResult(bytes([_BLOB_V1]) + nonce + sealed, root)
 
     def unwrap(
         self,
@@ -367,7 +383,7 @@ class LocalBackend(KeyBackend):
         if key.key_ref != ring.name:
             raise KeyNotFound(f"root key {key.key_ref!r} is not in this keyring")
         found = ring.find(key.version)
-        if found is None:
+        if found is None or found.root_version != key.version:
             raise KeyNotFound(f"root key {key.key_ref} {key.version} is not in the keyring")
         if found.state == "disabled":
             raise KeyDisabled(f"root key {key.key_ref} {key.version} is disabled")

@@ -642,6 +642,17 @@ def test_expand_of_a_block_volume_grows_the_device_only(
     usage = node.stats(volume_id, target).usage
     assert [(u.unit, u.total) for u in usage] == [(Usage.BYTES, 100 * MiB)]
     assert filesystem.probe(disk.device).empty
+    # kubelet may reach the device through a symlink to the published file.
+    link = node.target("dev-link")
+    os.symlink(target, link)
+    assert node.stats(volume_id, link).usage[0].total == 100 * MiB
+    assert node.expand(volume_id, link, 120 * MiB).capacity_bytes == 120 * MiB
+    os.unlink(link)
+    (other,) = loop_disks(1)
+    os.symlink(other.device, link)  # another device: not this volume
+    assert code_of(lambda: node.stats(volume_id, link)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: node.expand(volume_id, link, 140 * MiB)) == grpc.StatusCode.NOT_FOUND
+    os.unlink(link)
     node.unpublish(volume_id, target)
 
 

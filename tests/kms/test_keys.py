@@ -121,7 +121,7 @@ def test_reinstating_an_old_root_key_gives_a_new_key_id(ring: Path):
     km.refresh_root()
     local.rotate(ring, reinstate="g1")  # the same material as g1, as a new version g3
     km.refresh_root()
-    assert km.current is not None and km.current.root.version == "g3"
+    assert km.current is not None and km.current.root.version.startswith("g3.")
     assert km.status_key_id() != first_id
     cold = manager(ring)
     assert cold.decrypt_seed(*old) == b"s" * 32

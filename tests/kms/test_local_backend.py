@@ -43,10 +43,29 @@ def test_a_keyring_readable_by_group_or_others_is_refused(ring: Path, mode: int)
     assert "chmod 600" in str(info.value)
 
 
+def generation(key: RootKeyVersion) -> str:
+    """The operator's name of a key (gN) out of the reported version gN.<fingerprint>."""
+    gen, _, fingerprint = key.version.partition(".")
+    assert len(fingerprint) == 12
+    return gen
+
+
+def test_separately_made_keyrings_never_share_a_key_id(tmp_path: Path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for path in (first, second):
+        local.keygen(path, name="cluster-a")
+    a, b = local.LocalBackend(first), local.LocalBackend(second)
+    assert generation(a.current_key()) == generation(b.current_key()) == "g1"
+    assert a.current_key() != b.current_key()
+    wrapped = a.wrap(b"k" * 32, CTX)
+    with pytest.raises(KeyNotFound):  # same name and generation, other material
+        b.unwrap(wrapped.ciphertext, wrapped.key, CTX)
+
+
 def test_wrap_is_bound_to_the_context_and_the_version(ring: Path):
     backend = local.LocalBackend(ring)
     result = backend.wrap(b"k" * 32, CTX)
-    assert result.key == RootKeyVersion("cluster-a", "g1")
+    assert result.key.key_ref == "cluster-a" and generation(result.key) == "g1"
     assert backend.unwrap(result.ciphertext, result.key, CTX) == b"k" * 32
     with pytest.raises(InvalidCiphertext):
         backend.unwrap(result.ciphertext, result.key, {"purpose": "other"})
@@ -58,9 +77,10 @@ def test_rotate_adds_a_new_primary_that_a_running_backend_picks_up(ring: Path):
     backend = local.LocalBackend(ring)
     old = backend.wrap(b"a" * 32, CTX)
     local.rotate(ring)
-    assert backend.current_key() == RootKeyVersion("cluster-a", "g2")
+    assert backend.current_key().key_ref == "cluster-a"
+    assert generation(backend.current_key()) == "g2"
     new = backend.wrap(b"b" * 32, CTX)
-    assert new.key.version == "g2"
+    assert new.key == backend.current_key()
     assert backend.unwrap(old.ciphertext, old.key, CTX) == b"a" * 32
 
 
@@ -109,7 +129,7 @@ def test_unknown_options_are_a_config_error(ring: Path):
 def test_staged_keys_unwrap_but_never_wrap_until_promoted(ring: Path):
     node_a = local.LocalBackend(ring)
     local.rotate(ring, stage=True)  # g2 staged: every node gets the file first
-    assert node_a.current_key().version == "g1"
+    assert generation(node_a.current_key()) == "g1"
     staged_key = local.load_keyring(ring).find("g2")
     assert staged_key is not None and staged_key.state == "staged"
     ring_b = ring.with_name("node-b.json")  # the copy another control-plane node has
@@ -117,10 +137,10 @@ def test_staged_keys_unwrap_but_never_wrap_until_promoted(ring: Path):
     ring_b.chmod(0o600)
     node_b = local.LocalBackend(ring_b)
     local.rotate(ring, promote="g2")  # node A promotes before node B got the new file
-    assert node_a.current_key().version == "g2"
+    assert generation(node_a.current_key()) == "g2"
     new = node_a.wrap(b"n" * 32, CTX)
-    assert new.key.version == "g2"
-    assert node_b.current_key().version == "g1"
+    assert generation(new.key) == "g2"
+    assert generation(node_b.current_key()) == "g1"
     assert node_b.unwrap(new.ciphertext, new.key, CTX) == b"n" * 32
     with pytest.raises(local.KeyringError):
         local.rotate(ring, promote="g1")  # only staged keys can be promoted
