@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from kms_plugin.fake_kms.profiles import PROFILES
 from kms_plugin.fake_kms.server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 
 
@@ -23,7 +24,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
-    parser.add_argument("--region", default="us-east-1", help="region in ARNs and SigV4 scope")
+    parser.add_argument(
+        "--region", default=None, help="region in ARNs and SigV4 scope (default: the profile's)"
+    )
+    parser.add_argument(
+        "--profile",
+        default="aws",
+        choices=sorted(PROFILES),
+        help="answer like AWS (default) or like another KMS emulator: local-kms, localstack, "
+        "localstack-legacy, moto-legacy",
+    )
     parser.add_argument(
         "--create-key",
         action="store_true",
@@ -64,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         args.port,
         region=args.region,
         credentials=credentials,
-        report_key_material_id=not args.no_key_material_id,
+        report_key_material_id=False if args.no_key_material_id else None,
         tls=tls,
+        profile=args.profile,
     )
     try:
         fake.start()
@@ -86,7 +97,15 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         sys.stdout.write(
-            json.dumps({"endpoint": fake.endpoint, "region": fake.region, "keys": keys}) + "\n"
+            json.dumps(
+                {
+                    "endpoint": fake.endpoint,
+                    "region": fake.region,
+                    "profile": fake.profile.name,
+                    "keys": keys,
+                }
+            )
+            + "\n"
         )
         sys.stdout.flush()
         while not done.wait(1.0):

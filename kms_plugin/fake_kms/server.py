@@ -6,6 +6,9 @@ or 5xx status.  Every request must carry a well-formed SigV4 ``Authorization`` h
 to service ``kms`` and the server's region; when the server knows credentials
 (``credentials={access_key_id: secret}``) it also verifies the signature.
 
+``profile=`` (:mod:`kms_plugin.fake_kms.profiles`) makes it answer like another emulator
+instead of AWS: ``local-kms``, ``localstack``, ``localstack-legacy``, ``moto-legacy``.
+
 Control, in process (methods of :class:`FakeKms`) or over HTTP (no auth; bind to loopback):
 
     GET    /_fake/calls                 {"calls": {op: n}}
@@ -37,7 +40,13 @@ from urllib.parse import unquote, urlsplit
 
 from kms_plugin.backends.awskms import sigv4
 from kms_plugin.fake_kms.faults import Fault, FaultKind, FaultPlan
-from kms_plugin.fake_kms.store import DEFAULT_ACCOUNT, OPERATIONS, KeyStore, KmsApiError
+from kms_plugin.fake_kms.profiles import (
+    EmulationProfile,
+    ScopeRegion,
+    UnsupportedStyle,
+    get_profile,
+)
+from kms_plugin.fake_kms.store import OPERATIONS, KeyStore, KmsApiError
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +108,20 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(length))
 
     def _send_json(
-        self, status: int, payload: Mapping[str, Any], extra: Mapping[str, str] | None = None
+        self,
+        status: int,
+        payload: Mapping[str, Any] | None,
+        extra: Mapping[str, str] | None = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str = CONTENT_TYPE,
     ) -> None:
-        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        if raw is not None:
+            data = raw
+        else:
+            data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-amzn-RequestId", self.server.fake._request_id())
         for name, value in (extra or {}).items():
@@ -112,11 +130,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, err: KmsApiError) -> None:
-        self._send_json(
-            err.status,
-            {"__type": err.error_type, "message": err.message},
-            {"x-amzn-ErrorType": err.error_type},
-        )
+        profile = self.server.fake.profile
+        error_type = profile.error_type_prefix + err.error_type
+        body: dict[str, Any] = {"__type": error_type}
+        if err.message or not profile.omit_empty_message:
+            key = "Message" if err.error_type in profile.capital_message_types else "message"
+            body[key] = err.message
+        extra = {"x-amzn-ErrorType": error_type} if profile.error_type_header else {}
+        self._send_json(err.status, body, extra)
+
+    def _send_unsupported(self, target: str, operation: str) -> None:
+        """Answer an operation the emulated server does not implement, in its way."""
+        style = self.server.fake.profile.unsupported_style
+        if style is UnsupportedStyle.PLAIN_501:  # plain text under a JSON content type
+            text = f"X-Amz-Target {target} is not implemented by this server"
+            self._send_json(501, None, raw=text.encode("utf-8"))
+        elif style is UnsupportedStyle.INTERNAL_FAILURE_501:
+            message = f"KMS action {operation} is not yet implemented by this emulator"
+            self._send_json(501, {"__type": "InternalFailure", "message": message})
+        elif style is UnsupportedStyle.HTML_500:
+            page = b"<!doctype html><title>500 Internal Server Error</title><h1>Error</h1>"
+            self._send_json(500, None, raw=page, content_type="text/html; charset=utf-8")
+        else:
+            self._send_error(KmsApiError("UnknownOperationException", f"unknown target {target!r}"))
 
     def _drop(self) -> None:
         self.close_connection = True
@@ -151,14 +187,16 @@ class _Handler(BaseHTTPRequestHandler):
         if verdict.drop:
             self._drop()
             return
+        profile = fake.profile
         try:
-            self._check_auth(body)
+            scope_region = self._check_auth(body)
             if verdict.error is not None:
                 fault: Fault = verdict.error
                 raise KmsApiError(fault.error_type, fault.message, fault.status)
             handler = OPERATIONS.get(operation)
-            if handler is None:
-                raise KmsApiError("UnknownOperationException", f"unknown target {target!r}")
+            if handler is None or operation in profile.unsupported_ops:
+                self._send_unsupported(target, operation)
+                return
             content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
             if content_type != CONTENT_TYPE:
                 raise KmsApiError("SerializationException", f"Content-Type must be {CONTENT_TYPE}")
@@ -168,6 +206,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise KmsApiError("SerializationException", "body is not JSON") from None
             if not isinstance(params, dict):
                 raise KmsApiError("SerializationException", "body is not a JSON object")
+            if (
+                scope_region is not None
+                and scope_region != fake.store.region
+                and any(params.get(k) for k in ("KeyId", "TargetKeyId"))
+            ):
+                # LocalStack/moto keep one store per region: the key is not in that one.
+                raise KmsApiError("NotFoundException", f"Invalid arn {fake.store.region}")
             answer = handler(fake.store, params)
         except KmsApiError as err:
             self._send_error(err)
@@ -176,10 +221,17 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("fake-kms: %s failed", operation)
             self._send_error(KmsApiError("KMSInternalException", "internal error", 500))
             return
+        if not answer and profile.empty_body_for_empty_result:
+            self._send_json(200, None, raw=b"")
+            return
         self._send_json(200, answer)
 
-    def _check_auth(self, body: bytes) -> None:
+    def _check_auth(self, body: bytes) -> str | None:
+        """Check the SigV4 header as the emulated server does; its scope region if kept."""
         fake = self.server.fake
+        profile = fake.profile
+        if not profile.authenticate and fake.credentials is None:
+            return None  # local-kms: requests are not authenticated at all
         header = self.headers.get("Authorization")
         if not header:
             raise KmsApiError("MissingAuthenticationTokenException", "Missing Authentication Token")
@@ -191,7 +243,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise KmsApiError(
                 "InvalidSignatureException", "Credential should be scoped to correct service: 'kms'"
             )
-        if parsed.region != fake.store.region:
+        scope_region: str | None = None
+        if profile.scope_region is ScopeRegion.NOT_FOUND:
+            scope_region = parsed.region
+        elif profile.scope_region is ScopeRegion.REJECT and parsed.region != fake.store.region:
             raise KmsApiError(
                 "InvalidSignatureException",
                 f"Credential should be scoped to a valid region: {fake.store.region!r}",
@@ -206,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
         if abs((datetime.now(UTC) - when).total_seconds()) > MAX_SKEW_SECONDS:
             raise KmsApiError("InvalidSignatureException", "Signature expired")
         if fake.credentials is None:
-            return
+            return scope_region
         secret = fake.credentials.get(parsed.access_key_id)
         if secret is None:
             raise KmsApiError(
@@ -232,6 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "InvalidSignatureException",
                 "The request signature we calculated does not match the signature you provided.",
             )
+        return scope_region
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -263,13 +319,24 @@ class FakeKms:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        region: str = "us-east-1",
-        account_id: str = DEFAULT_ACCOUNT,
+        region: str | None = None,
+        account_id: str | None = None,
         credentials: Mapping[str, str] | None = None,
-        report_key_material_id: bool = True,
+        report_key_material_id: bool | None = None,
         tls: ssl.SSLContext | None = None,
+        profile: EmulationProfile | str = "aws",
     ) -> None:
-        self.store = KeyStore(region, account_id, report_key_material_id=report_key_material_id)
+        self.profile = get_profile(profile)
+        self.store = KeyStore(
+            region or self.profile.region,
+            account_id or self.profile.account_id,
+            report_key_material_id=(
+                self.profile.report_key_material_id
+                if report_key_material_id is None
+                else report_key_material_id
+            ),
+            profile=self.profile,
+        )
         self.tls = tls
         self.faults = FaultPlan()
         self.credentials = dict(credentials) if credentials is not None else None
@@ -352,7 +419,13 @@ class FakeKms:
         return arn
 
     def rotate_key(self, key: str) -> str:
-        """Rotate on demand (new key material); return the new key material id."""
+        """Rotate (new key material); return the new key material id.
+
+        On demand where the profile has RotateKeyOnDemand; otherwise the way the emulated
+        server rotates by itself (local-kms: yearly, or several seeded backing keys).
+        """
+        if "RotateKeyOnDemand" in self.profile.unsupported_ops:
+            return self.store.rotate(self.store.get(key), "AUTOMATIC")
         self.store.rotate_key_on_demand({"KeyId": key})
         return self.store.get(key).current_material_id
 
@@ -530,10 +603,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    region: str = "us-east-1",
+    region: str | None = None,
     credentials: Mapping[str, str] | None = None,
-    report_key_material_id: bool = True,
+    report_key_material_id: bool | None = None,
     tls: ssl.SSLContext | None = None,
+    profile: EmulationProfile | str = "aws",
 ) -> FakeKms:
     """Start a fake KMS in background threads and return it (call ``.stop()`` when done)."""
     return FakeKms(
@@ -543,6 +617,7 @@ def serve(
         credentials=credentials,
         report_key_material_id=report_key_material_id,
         tls=tls,
+        profile=profile,
     ).start()
 
 

@@ -31,6 +31,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kms_plugin.fake_kms.profiles import AWS, EmulationProfile, RotationStatusStyle
+
 MAGIC = b"FK"
 BLOB_VERSION = 1
 _HEADER = struct.Struct(">2sB16sI")
@@ -68,6 +70,7 @@ class FakeKey:
     rotations: list[dict[str, Any]] = field(default_factory=list)
     deletion_date: float | None = None
     pending_window_days: int | None = None
+    reported_material_id: str = ""  # what DescribeKey says (an emulator may lag behind)
 
     @property
     def current_material_id(self) -> str:
@@ -94,10 +97,12 @@ class KeyStore:
         *,
         report_key_material_id: bool = True,
         clock: Callable[[], float] = time.time,
+        profile: EmulationProfile = AWS,
     ) -> None:
         self.region = region
         self.account_id = account_id
         self.report_key_material_id = report_key_material_id
+        self.profile = profile
         self._clock = clock
         self._lock = threading.RLock()
         self._keys: dict[str, FakeKey] = {}
@@ -133,7 +138,9 @@ class KeyStore:
             raise KmsApiError("NotFoundException", f"Key '{self._arn(key_id)}' does not exist")
         return key
 
-    def _require_usable(self, key: FakeKey) -> None:
+    def _require_usable(self, key: FakeKey, *, crypto: bool = False) -> None:
+        if crypto and self.profile.disabled_key_usable:
+            return  # moto: only DescribeKey shows the state
         if key.state == "Disabled":
             raise KmsApiError("DisabledException", f"{key.arn} is disabled.")
         if key.state != "Enabled":
@@ -164,11 +171,13 @@ class KeyStore:
             creation_date=self._clock(),
             materials=[_new_material()],
         )
+        key.reported_material_id = key.current_material_id
         with self._lock:
             self._keys[key_id] = key
             return {"KeyMetadata": self._metadata(key)}
 
     def _metadata(self, key: FakeKey) -> dict[str, Any]:
+        profile = self.profile
         meta: dict[str, Any] = {
             "AWSAccountId": self.account_id,
             "KeyId": key.key_id,
@@ -185,8 +194,16 @@ class KeyStore:
             "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
             "MultiRegion": False,
         }
+        if profile.minimal_fields:  # local-kms: Go struct, no KeySpec, null description
+            for name in ("CustomerMasterKeySpec", "KeySpec", "EncryptionAlgorithms", "MultiRegion"):
+                del meta[name]
+            meta["CreationDate"] = int(key.creation_date)
+            meta["Description"] = key.description or None
+        if profile.null_fields:  # moto: optional fields present as null
+            meta.update({"MultiRegion": None, "SigningAlgorithms": None})
+            meta["Description"] = key.description or None
         if self.report_key_material_id:
-            meta["CurrentKeyMaterialId"] = key.current_material_id
+            meta["CurrentKeyMaterialId"] = key.reported_material_id
         if key.deletion_date is not None:
             meta["DeletionDate"] = key.deletion_date
             meta["PendingDeletionWindowInDays"] = key.pending_window_days
@@ -251,9 +268,22 @@ class KeyStore:
             return key.arn
 
     def rotate_key_on_demand(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        limit = self.profile.on_demand_rotation_limit
         with self._lock:
             key = self._resolve(params.get("KeyId"))
             self._require_usable(key)
+            on_demand = sum(1 for r in key.rotations if r["RotationType"] == "ON_DEMAND")
+            if limit is not None and on_demand >= limit:
+                raise KmsApiError(
+                    "LimitExceededException",
+                    f"the on-demand rotation limit of {key.arn} has been reached",
+                )
+            self.rotate(key, "ON_DEMAND")
+            return {"KeyId": key.key_id}
+
+    def rotate(self, key: FakeKey, rotation_type: str = "ON_DEMAND") -> str:
+        """Give ``key`` new key material (old material keeps decrypting); its material id."""
+        with self._lock:
             material_id, material = _new_material()
             key.materials.append((material_id, material))
             key.rotations.append(
@@ -261,10 +291,12 @@ class KeyStore:
                     "KeyId": key.arn,
                     "KeyMaterialId": material_id,
                     "RotationDate": self._clock(),
-                    "RotationType": "ON_DEMAND",
+                    "RotationType": rotation_type,
                 }
             )
-            return {"KeyId": key.key_id}
+            if self.profile.material_id_follows_rotation:
+                key.reported_material_id = material_id
+            return material_id
 
     def enable_key_rotation(self, params: Mapping[str, Any]) -> dict[str, Any]:
         period = params.get("RotationPeriodInDays", 365)
@@ -285,9 +317,19 @@ class KeyStore:
         return {}
 
     def get_key_rotation_status(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        style = self.profile.rotation_status
         with self._lock:
             key = self._resolve(params.get("KeyId"))
-            answer: dict[str, Any] = {"KeyId": key.arn, "KeyRotationEnabled": key.rotation_enabled}
+            answer: dict[str, Any] = {"KeyRotationEnabled": key.rotation_enabled}
+            if style is RotationStatusStyle.ENABLED_ONLY:
+                return answer
+            if style is RotationStatusStyle.LOCALSTACK:
+                answer["KeyId"] = key.key_id
+                if key.rotation_enabled:
+                    answer["RotationPeriodInDays"] = key.rotation_period_days
+                    answer["NextRotationDate"] = self._clock() + key.rotation_period_days * 86400
+                return answer
+            answer["KeyId"] = key.arn
             if key.rotation_enabled:
                 answer["RotationPeriodInDays"] = key.rotation_period_days
             if key.rotations:
@@ -364,7 +406,7 @@ class KeyStore:
         _algorithm_param(params)
         with self._lock:
             key = self._resolve(params.get("KeyId"))
-            self._require_usable(key)
+            self._require_usable(key, crypto=True)
             ordinal = len(key.materials) - 1
             material = key.materials[ordinal][1]
             arn = key.arn
@@ -372,17 +414,22 @@ class KeyStore:
         header = _HEADER.pack(MAGIC, BLOB_VERSION, key_uuid, ordinal)
         nonce = os.urandom(_NONCE)
         sealed = AESGCM(material).encrypt(nonce, plaintext, header + canonical_context(context))
-        return {
+        answer = {
             "CiphertextBlob": base64.b64encode(header + nonce + sealed).decode("ascii"),
             "KeyId": arn,
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
+        if not self.profile.minimal_fields:
+            answer["EncryptionAlgorithm"] = "SYMMETRIC_DEFAULT"
+        return answer
 
     def decrypt(self, params: Mapping[str, Any]) -> dict[str, Any]:
         blob = _b64_param(params, "CiphertextBlob")
         context = _context_param(params)
         _algorithm_param(params)
-        bad = KmsApiError("InvalidCiphertextException", "The ciphertext is invalid.")
+        bad = KmsApiError(
+            "InvalidCiphertextException",
+            "" if self.profile.bare_invalid_ciphertext else "The ciphertext is invalid.",
+        )
         if not _HEADER.size + _NONCE + _TAG <= len(blob) <= MAX_CIPHERTEXT:
             raise bad
         magic, version, key_uuid, ordinal = _HEADER.unpack_from(blob)
@@ -392,6 +439,8 @@ class KeyStore:
         with self._lock:
             requested = self._resolve(params["KeyId"]) if params.get("KeyId") else None
             key = self._keys.get(blob_key_id)
+            if self.profile.decrypt_key_mismatch == "AccessDeniedException":
+                key = self._local_kms_decrypt_key(requested, key)
             if key is None:
                 if blob_key_id in self._purged:
                     raise KmsApiError(
@@ -400,11 +449,11 @@ class KeyStore:
                 raise bad
             if requested is not None and requested.key_id != key.key_id:
                 raise KmsApiError(
-                    "IncorrectKeyException",
+                    self.profile.decrypt_key_mismatch,
                     "The key ID in the request does not identify a KMS key that can perform "
                     "this operation.",
                 )
-            self._require_usable(key)
+            self._require_usable(key, crypto=True)
             if ordinal >= len(key.materials):
                 raise bad
             material_id, material = key.materials[ordinal]
@@ -417,14 +466,34 @@ class KeyStore:
             )
         except InvalidTag:
             raise bad from None
-        answer = {
-            "KeyId": arn,
-            "Plaintext": base64.b64encode(plaintext).decode("ascii"),
-            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-        }
+        answer = {"KeyId": arn, "Plaintext": base64.b64encode(plaintext).decode("ascii")}
+        if not self.profile.minimal_fields:
+            answer["EncryptionAlgorithm"] = "SYMMETRIC_DEFAULT"
         if self.report_key_material_id:
             answer["KeyMaterialId"] = material_id
         return answer
+
+    def _local_kms_decrypt_key(
+        self, requested: FakeKey | None, key: FakeKey | None
+    ) -> FakeKey | None:
+        """local-kms: a KeyId must be usable itself; any other trouble is AccessDenied."""
+        denied = KmsApiError(
+            "AccessDeniedException",
+            "The ciphertext refers to a customer master key that does not exist, does not "
+            "exist in this region, or you are not allowed to access.",
+        )
+        if requested is not None:
+            self._require_usable(requested, crypto=True)
+            if key is None or key.key_id != requested.key_id:
+                raise denied
+            return key
+        if key is None:
+            raise denied
+        try:
+            self._require_usable(key, crypto=True)
+        except KmsApiError:
+            raise denied from None
+        return key
 
 
 def _b64_param(params: Mapping[str, Any], name: str) -> bytes:

@@ -11,6 +11,15 @@ where needed, ``ListKeyRotations``:
   ListKeyRotations: the number of completed rotations and the latest rotation date in
   milliseconds (``r0`` before the first rotation, and for keys in custom key stores, which
   cannot rotate).  Both change on every rotation and never return to an earlier value.
+* ``version`` is ``static`` when the endpoint offers neither (AWS KMS emulators:
+  nsmithuk/local-kms, older LocalStack and moto).  Rotations there keep the key_id, and
+  everything stays decryptable because those emulators keep every key material too.
+  GetKeyRotationStatus is asked once, only to warn when automatic rotation is enabled.
+
+The scheme that produced a key's first version sticks for the life of the backend: a later
+answer that lacks what that scheme needs is an error, never a silent switch to another
+scheme (which could bring back a key_id used before).  An operation the endpoint answered
+as not implemented is remembered and not called again.
 
 AWS keeps every key material of a key, so blobs wrapped before a rotation still unwrap;
 ``unwrap`` pins ``KeyId`` to the blob's ``key_ref`` so a blob is never decrypted by a
@@ -29,7 +38,12 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from kms_plugin.backends.awskms.breaker import CircuitBreaker
-from kms_plugin.backends.awskms.client import ClientSettings, KmsClient, aws_error_type
+from kms_plugin.backends.awskms.client import (
+    ClientSettings,
+    KmsClient,
+    UnsupportedOperation,
+    aws_error_type,
+)
 from kms_plugin.backends.awskms.credentials import (
     resolve_credentials,
     resolve_endpoint,
@@ -52,6 +66,11 @@ _DISABLED_STATES = frozenset(
     {"Disabled", "PendingDeletion", "PendingReplicaDeletion", "PendingImport"}
 )
 _ROTATION_PAGE = 1000
+STATIC_VERSION = "static"
+# Version schemes, in the order they are tried.
+_MATERIAL = "material"  # DescribeKey CurrentKeyMaterialId
+_ROTATIONS = "rotations"  # ListKeyRotations
+_STATIC = "static"  # neither is available
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,16 @@ class AwsKmsBackend(KeyBackend):
         self.credentials_source = credentials.source
         self._lock = threading.Lock()
         self._current: RootKeyVersion | None = None
+        self._schemes: dict[str, str] = {}  # key ARN -> version scheme (sticky)
+        self._unsupported: set[str] = set()  # operations the endpoint does not implement
+        self._rotation_status_seen = False
+        arn_region = _arn_part(options.key_id, 3)
+        if arn_region and arn_region != self.region:
+            log.warning(
+                "awskms key ARN names another region than the one requests are signed for; "
+                "AWS and LocalStack will not find the key",
+                extra={"kms_key": options.key_id, "region": self.region},
+            )
         log.info(
             "awskms backend configured",
             extra={
@@ -193,11 +222,14 @@ class AwsKmsBackend(KeyBackend):
     def current_key(self, *, deadline: float | None = None) -> RootKeyVersion:
         answer = self.client.call("DescribeKey", {"KeyId": self.options.key_id}, deadline=deadline)
         meta = answer.get("KeyMetadata")
-        if not isinstance(meta, dict) or not isinstance(meta.get("Arn"), str):
-            raise BackendError("AWS KMS DescribeKey answer lacks KeyMetadata.Arn")
-        arn: str = meta["Arn"]
-        state = meta.get("KeyState")
-        if state in _DISABLED_STATES or (state is None and meta.get("Enabled") is False):
+        if not isinstance(meta, dict):
+            raise BackendError("AWS KMS DescribeKey answer lacks KeyMetadata")
+        arn = self._arn_of(meta)
+        state = meta.get("KeyState") or None
+        enabled = meta.get("Enabled")
+        if state is not None and not isinstance(state, str):
+            raise BackendError(f"AWS KMS DescribeKey answer has a malformed KeyState for {arn}")
+        if state in _DISABLED_STATES or (state in (None, "Enabled") and enabled is False):
             raise KeyDisabled(f"AWS KMS key {arn} is not usable: state {state or 'Disabled'}")
         if state not in (None, "Enabled"):
             raise BackendUnavailable(f"AWS KMS key {arn} is not usable now: state {state}")
@@ -209,15 +241,24 @@ class AwsKmsBackend(KeyBackend):
                 f"(is {spec} {usage})"
             )
         material = meta.get("CurrentKeyMaterialId")
-        if isinstance(material, str) and material:
-            version = f"m-{material}"
+        has_material = isinstance(material, str) and bool(material.strip())
+        with self._lock:
+            scheme = self._schemes.get(arn)
+        if scheme == _MATERIAL or (scheme is None and has_material):
+            if not has_material:
+                raise BackendError(
+                    f"AWS KMS DescribeKey stopped reporting CurrentKeyMaterialId for {arn}; "
+                    "the key version cannot be told"
+                )
+            version, scheme = f"m-{material}", _MATERIAL
         else:
-            version = self._rotation_version(arn, deadline)
+            version, scheme = self._fallback_version(arn, scheme, deadline)
         key = RootKeyVersion(key_ref=arn, version=version)
         with self._lock:
             if self._current != key:
                 log.info("awskms root key version", extra={"kms_key": arn, "key_version": version})
             self._current = key
+            self._schemes[arn] = scheme
         return key
 
     def wrap(
@@ -237,8 +278,7 @@ class AwsKmsBackend(KeyBackend):
             payload["EncryptionContext"] = _context(context)
         answer = self.client.call("Encrypt", payload, deadline=deadline)
         blob = _b64_field(answer, "CiphertextBlob", "Encrypt")
-        used = answer.get("KeyId")
-        if isinstance(used, str) and used != key.key_ref:
+        if not _names_key(answer.get("KeyId"), key.key_ref):
             raise BackendError("AWS KMS Encrypt used another key than the one requested")
         return WrapResult(ciphertext=blob, key=key)
 
@@ -259,8 +299,7 @@ class AwsKmsBackend(KeyBackend):
         if context:
             payload["EncryptionContext"] = _context(context)
         answer = self.client.call("Decrypt", payload, deadline=deadline)
-        used = answer.get("KeyId")
-        if isinstance(used, str) and used != key.key_ref:
+        if not _names_key(answer.get("KeyId"), key.key_ref):
             raise InvalidCiphertext("AWS KMS Decrypt used another key than the one named")
         return _b64_field(answer, "Plaintext", "Decrypt")
 
@@ -268,6 +307,70 @@ class AwsKmsBackend(KeyBackend):
         self.client.close()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _arn_of(self, meta: Mapping[str, Any]) -> str:
+        arn = meta.get("Arn")
+        if isinstance(arn, str) and arn.startswith("arn:"):
+            return arn
+        # No ARN in the answer: the configured ARN will do if the answer names its key.
+        key_id = meta.get("KeyId")
+        configured = self.options.key_id
+        if (
+            isinstance(key_id, str)
+            and key_id
+            and configured.startswith("arn:")
+            and configured.endswith(f":key/{key_id}")
+        ):
+            return configured
+        raise BackendError("AWS KMS DescribeKey answer lacks KeyMetadata.Arn")
+
+    def _fallback_version(
+        self, arn: str, scheme: str | None, deadline: float | None
+    ) -> tuple[str, str]:
+        """The version when DescribeKey reports no key material: rotations, else static."""
+        if scheme in (None, _ROTATIONS) and "ListKeyRotations" not in self._unsupported:
+            try:
+                return self._rotation_version(arn, deadline), _ROTATIONS
+            except UnsupportedOperation:
+                if scheme == _ROTATIONS:
+                    raise  # it answered before: now it is a fault, not a missing feature
+                self._mark_unsupported("ListKeyRotations")
+                log.warning(
+                    "awskms endpoint reports neither CurrentKeyMaterialId nor "
+                    "ListKeyRotations: the root key version is 'static', so a rotation of "
+                    "the key will not change the key_id (everything stays decryptable)",
+                    extra={"kms_key": arn, "endpoint": self.endpoint},
+                )
+        self._check_rotation_status(arn, deadline)
+        return STATIC_VERSION, _STATIC
+
+    def _mark_unsupported(self, operation: str) -> None:
+        with self._lock:
+            self._unsupported.add(operation)
+
+    def _check_rotation_status(self, arn: str, deadline: float | None) -> None:
+        """Once: warn if the key rotates automatically although rotations are not visible."""
+        with self._lock:
+            if self._rotation_status_seen or "GetKeyRotationStatus" in self._unsupported:
+                return
+        try:
+            answer = self.client.call(
+                "GetKeyRotationStatus", {"KeyId": arn}, deadline=deadline, optional=True
+            )
+        except UnsupportedOperation:
+            self._mark_unsupported("GetKeyRotationStatus")
+            return
+        except BackendError as exc:  # informational only: ask again next time
+            log.debug("awskms GetKeyRotationStatus failed: %s", exc)
+            return
+        with self._lock:
+            self._rotation_status_seen = True
+        if answer.get("KeyRotationEnabled") is True:
+            log.warning(
+                "awskms root key has automatic rotation enabled, but this endpoint does not "
+                "report rotations: the key_id will not change when it rotates",
+                extra={"kms_key": arn},
+            )
 
     def _rotation_version(self, arn: str, deadline: float | None) -> str:
         count = 0
@@ -278,24 +381,54 @@ class AwsKmsBackend(KeyBackend):
             if marker:
                 payload["Marker"] = marker
             try:
-                answer = self.client.call("ListKeyRotations", payload, deadline=deadline)
+                answer = self.client.call(
+                    "ListKeyRotations", payload, deadline=deadline, optional=True
+                )
+            except UnsupportedOperation:
+                raise
             except BackendError as exc:
                 if aws_error_type(exc) == "UnsupportedOperationException":
                     return "r0"  # keys in custom key stores cannot rotate
                 raise
-            rotations = answer.get("Rotations") or []
+            rotations = answer.get("Rotations")
+            if rotations is None:
+                rotations = []
             if not isinstance(rotations, list):
                 raise BackendError("AWS KMS ListKeyRotations answer is malformed")
             for rotation in rotations:
+                if not isinstance(rotation, dict):
+                    raise BackendError("AWS KMS ListKeyRotations answer is malformed")
                 count += 1
-                when = rotation.get("RotationDate") if isinstance(rotation, dict) else None
-                if isinstance(when, int | float):
+                when = rotation.get("RotationDate")
+                if isinstance(when, int | float) and not isinstance(when, bool):
                     latest_ms = max(latest_ms, round(float(when) * 1000))
             next_marker = answer.get("NextMarker")
-            if not answer.get("Truncated") or not isinstance(next_marker, str):
+            if answer.get("Truncated") is not True:
                 break
+            if not isinstance(next_marker, str) or not next_marker or next_marker == marker:
+                raise BackendError("AWS KMS ListKeyRotations is truncated without a new marker")
             marker = next_marker
         return "r0" if count == 0 else f"r{count}-{latest_ms}"
+
+
+def _arn_part(value: str, index: int) -> str:
+    parts = value.split(":")
+    return parts[index] if value.startswith("arn:") and len(parts) >= 6 else ""
+
+
+def _names_key(answered: object, key_ref: str) -> bool:
+    """Does an Encrypt/Decrypt answer's KeyId name ``key_ref`` (or name no key at all)?
+
+    AWS answers the key ARN; some emulators answer the bare key id; a missing or null
+    KeyId names nothing and is accepted (the request named the key).
+    """
+    if answered is None:
+        return True
+    if not isinstance(answered, str):
+        return False
+    if answered == key_ref:
+        return True
+    return ":key/" in key_ref and answered == key_ref.rsplit(":key/", 1)[1]
 
 
 def _context(context: Mapping[str, str]) -> dict[str, str]:
@@ -317,4 +450,4 @@ def _b64_field(answer: Mapping[str, Any], name: str, operation: str) -> bytes:
         raise BackendError(f"AWS KMS {operation} answer has a malformed {name}") from None
 
 
-__all__ = ["AwsKmsBackend", "AwsKmsOptions"]
+__all__ = ["STATIC_VERSION", "AwsKmsBackend", "AwsKmsOptions"]

@@ -9,6 +9,17 @@ transport/5xx failures and, once open, makes calls fail at once with
 
 Errors are the backend errors of :mod:`kms_plugin.backends.errors`; their messages carry the
 operation and the AWS error type, never request or response bodies (which hold plaintext).
+
+Emulators of AWS KMS answer an operation they do not implement in their own ways:
+nsmithuk/local-kms with HTTP 501 and a plain-text body, LocalStack with HTTP 501
+``InternalFailure`` "... not yet implemented ...", AWS itself with HTTP 400
+``UnknownOperationException``, moto's server with a bare HTTP 500 HTML page.  All of these
+become :class:`UnsupportedOperation` (never retried, never counted by the circuit breaker: the
+service did answer); the bare 500 only for calls made with ``optional=True``, where the
+caller can do without the operation.  Error answers are parsed tolerantly: ``__type`` with or
+without a namespace (``com.amazonaws.kms#X``) or a ``:http://...`` suffix, ``code``/``Code``
+or a nested ``Error`` object, ``message``/``Message``, the ``x-amzn-ErrorType`` header, or a
+plain-text body naming the exception.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import http.client
 import json
 import logging
 import random
+import re
 import select
 import socket
 import ssl
@@ -68,6 +80,39 @@ _ERROR_CLASSES: dict[str, type[BackendError]] = {
     "ServiceUnavailableException": BackendUnavailable,
 }
 _THROTTLE_TYPES = frozenset({"ThrottlingException", "LimitExceededException"})
+# The operation itself is unknown to the endpoint (not: the key cannot do it).
+_UNKNOWN_OPERATION_TYPES = frozenset(
+    {
+        "UnknownOperationException",
+        "UnknownOperation",
+        "InvalidAction",
+        "NotImplemented",
+        "NotImplementedException",
+        "NotImplementedError",
+    }
+)
+# Generic error types whose message decides whether the operation is simply not implemented.
+_GENERIC_TYPES = frozenset(
+    {
+        "",
+        "InternalFailure",
+        "InternalFailureException",
+        "InternalError",
+        "InternalServerError",
+        "ServiceException",
+    }
+)
+_NOT_IMPLEMENTED = re.compile(
+    r"not\s+(yet\s+)?implemented|has\s+not\s+been\s+implemented|not\s+yet\s+been\s+emulated"
+    r"|not\s+available\s+in\s+your\s+current\s+license",
+    re.IGNORECASE,
+)
+_BARE_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.#:]{2,127}$")
+_TAG = re.compile(r"<[^>]*>")
+
+
+class UnsupportedOperation(BackendError):
+    """The endpoint does not implement this operation (an emulator with a partial API)."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +162,46 @@ def error_type_of(raw: str) -> str:
 
 def _clean_message(message: object) -> str:
     text = str(message) if message is not None else ""
-    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    return text[:300]
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return " ".join(text.split())[:300]
 
 
-def classify_error(operation: str, status: int, error_type: str, message: str) -> _Failure:
+def is_unsupported_answer(
+    status: int, error_type: str, message: str, *, optional: bool = False, aws_error: bool = True
+) -> bool:
+    """Does this error answer say "operation not implemented" (rather than a failure)?
+
+    ``aws_error`` is false when the body was no AWS error document at all (HTML, empty);
+    such a bare HTTP 500 counts only for ``optional`` calls (moto's server answers an
+    unimplemented operation that way, and so could a broken proxy).
+    """
+    if status == 501 or error_type in _UNKNOWN_OPERATION_TYPES:
+        return True
+    if status >= 400 and error_type in _GENERIC_TYPES and _NOT_IMPLEMENTED.search(message):
+        return True
+    return optional and status == 500 and not aws_error and not error_type
+
+
+def classify_error(
+    operation: str,
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    optional: bool = False,
+    aws_error: bool = True,
+) -> _Failure:
     """Map one AWS error answer to the backend error and the retry/breaker verdict."""
+    if is_unsupported_answer(
+        status, error_type, message, optional=optional, aws_error=aws_error
+    ):
+        label = error_type or f"HTTP {status}"
+        detail = f": {message}" if message else ""
+        unsupported = UnsupportedOperation(
+            f"AWS KMS {operation} is not supported by this endpoint ({label}{detail})"
+        )
+        _tag(unsupported, error_type)
+        return _Failure(unsupported, retryable=False, breaker_failure=False)
     cls = _ERROR_CLASSES.get(error_type)
     if cls is None:
         cls = BackendUnavailable if status >= 500 else BackendError
@@ -196,9 +275,19 @@ class KmsClient:
     # -- public -----------------------------------------------------------------------------
 
     def call(
-        self, operation: str, payload: Mapping[str, Any], *, deadline: float | None = None
+        self,
+        operation: str,
+        payload: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        optional: bool = False,
     ) -> dict[str, Any]:
-        """Call ``TrentService.<operation>`` and return the decoded JSON answer."""
+        """Call ``TrentService.<operation>`` and return the decoded JSON answer.
+
+        ``optional``: the caller can do without this operation, so an answer that can only
+        mean "not implemented here" in an emulator (a bare HTTP 500 page) raises
+        :class:`UnsupportedOperation` at once instead of being retried as an outage.
+        """
         if self._closed.is_set():
             raise BackendUnavailable("AWS KMS client is closed")
         if deadline is None:
@@ -216,7 +305,7 @@ class KmsClient:
                     f"{self.breaker.failure_threshold} consecutive failures, next probe in "
                     f"{self.breaker.retry_in():.1f}s{cause}"
                 )
-            outcome = self._attempt(operation, body, remaining)
+            outcome = self._attempt(operation, body, remaining, optional)
             if not isinstance(outcome, _Failure):
                 self.breaker.record_success()
                 return outcome
@@ -303,7 +392,9 @@ class KmsClient:
         headers["User-Agent"] = f"edge-kms-plugin/{VERSION}"
         return headers
 
-    def _attempt(self, operation: str, body: bytes, remaining: float) -> dict[str, Any] | _Failure:
+    def _attempt(
+        self, operation: str, body: bytes, remaining: float, optional: bool = False
+    ) -> dict[str, Any] | _Failure:
         with self._pool_lock:
             self.attempts += 1
         try:
@@ -377,23 +468,50 @@ class KmsClient:
                     breaker_failure=False,
                 )
             return decoded
-        error_type, message = _parse_error(data, error_header)
-        return classify_error(operation, status, error_type, message)
+        error_type, message, aws_error = parse_error(data, error_header)
+        return classify_error(
+            operation, status, error_type, message, optional=optional, aws_error=aws_error
+        )
 
 
-def _parse_error(data: bytes, header_type: str) -> tuple[str, str]:
+def parse_error(data: bytes, header_type: str = "") -> tuple[str, str, bool]:
+    """``(error type, message, is an AWS error document)`` of an error answer's body.
+
+    Accepts the JSON shapes emulators use (``__type``/``code``/``Code``/``Error.Code``,
+    ``message``/``Message``/``Error.Message``) and plain-text bodies: a bare exception name
+    (local-kms with IAM on) is the type, any other text the message (tags stripped).
+    """
     error_type = error_type_of(header_type) if header_type else ""
     message = ""
+    aws_error = bool(error_type)
     try:
-        decoded = json.loads(data) if data else {}
+        decoded = json.loads(data) if data.strip() else None
     except ValueError:
-        decoded = {}
+        decoded = None
     if isinstance(decoded, dict):
-        raw_type = decoded.get("__type") or decoded.get("code") or decoded.get("Code")
-        if isinstance(raw_type, str) and raw_type:
-            error_type = error_type_of(raw_type)
-        message = _clean_message(decoded.get("message") or decoded.get("Message"))
-    return error_type, message
+        nested = decoded.get("Error")
+        sources: list[Mapping[str, Any]] = [decoded]
+        if isinstance(nested, dict):
+            sources.append(nested)
+        for source in sources:
+            raw_type = source.get("__type") or source.get("code") or source.get("Code")
+            if isinstance(raw_type, str) and raw_type.strip():
+                error_type = error_type_of(raw_type)
+                aws_error = True
+                break
+        for source in sources:
+            raw_message = source.get("message") or source.get("Message")
+            if raw_message:
+                message = _clean_message(raw_message)
+                break
+    elif decoded is None and data.strip():
+        text = data.decode("utf-8", "replace").strip()
+        if _BARE_TYPE.match(text):
+            error_type = error_type or error_type_of(text)
+            aws_error = True
+        else:
+            message = _clean_message(_TAG.sub(" ", text))
+    return error_type, message, aws_error
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -418,7 +536,10 @@ __all__ = [
     "SERVICE",
     "ClientSettings",
     "KmsClient",
+    "UnsupportedOperation",
     "aws_error_type",
     "classify_error",
     "error_type_of",
+    "is_unsupported_answer",
+    "parse_error",
 ]
