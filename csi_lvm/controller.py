@@ -319,7 +319,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             candidates = set(self._made.get(ref.lv, ()))
         report = self._cache.cached() if self._cache is not None else None
         if report is not None:
-            candidates.update(lv.vg_name for lv in report.lvs if lv.name == ref.lv)
+            candidates.update(lv.vg_name for lv in report.lvs
+                              if lv.name == ref.lv and self.owner in lv.tags)
         candidates.discard(ref.vg)
         for vg in sorted(candidates):
             other = LvRef(vg, ref.lv)

@@ -192,6 +192,14 @@ class LvmVolumes:
                 raise ResourceExhausted(
                     f"volume group {ref.vg} has {vg.free} bytes free; growing "
                     f"{volume.volume_id} to {size} bytes needs {size - volume.size}") from None
+            if not isinstance(exc, LvmTimeout) and not volume.thin:
+                # LVM refuses to grow an active thick origin of copy-on-write snapshots.
+                lv = self.lvm.get_lv(ref.vg, ref.lv)
+                if lv is not None and lv.attr.origin:
+                    raise FailedPrecondition(
+                        f"volume {volume.volume_id} has copy-on-write snapshots and LVM "
+                        f"refuses to grow it while they exist ({exc.message}); delete its "
+                        "snapshots, then retry the expansion") from None
             raise
         finally:
             if self.on_change is not None:
