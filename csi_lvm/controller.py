@@ -810,14 +810,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not caps:
             raise InvalidArgument("volume_capabilities is required")
         _ = self.lvm
-        try:
-            ref = parse_id(request.volume_id)
-        except InvalidId:
-            raise NotFound(f"volume {request.volume_id!r} does not exist") from None
-        found = self._get_owned(ref, KIND_VOLUME)
-        if found is None:
-            raise NotFound(f"volume {ref} does not exist")
-        _lv, own = found
+        own = self._resolve_source(KIND_VOLUME, request.volume_id).own
         fs_type = own.context.get(VolumeContext.FS_TYPE, "")
         for cap in caps:
             err = capability_error(cap)
@@ -866,14 +859,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not request.volume_id:
             raise InvalidArgument("volume_id is required")
         _ = self.lvm
-        try:
-            ref = parse_id(request.volume_id)
-        except InvalidId:
-            raise NotFound(f"volume {request.volume_id!r} does not exist") from None
-        found = self._get_owned(ref, KIND_VOLUME)
-        if found is None:
-            raise NotFound(f"volume {ref} does not exist")
-        lv, own = found
+        found = self._resolve_source(KIND_VOLUME, request.volume_id)
+        ref, lv, own = found.ref, found.lv, found.own
         abnormal, message = lv_condition(lv, self._pool_of(lv))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume_msg(ref, lv, own),
