@@ -81,4 +81,13 @@ class KeyBackend(abc.ABC):
         """Release sessions, sockets and file handles."""
 
 
-__all__ = ["KeyBackend", "RootKeyVersion", "WrapResult"]
+def wrap_aad(domain: bytes, key: RootKeyVersion, context: Mapping[str, str]) -> bytes:
+    """Associated data for backends that wrap with AES-GCM themselves (local, pkcs11): binds
+    the backend's domain, the root key version and the caller's context."""
+    parts = [domain, key.key_ref.encode(), b"\x00", key.version.encode(), b"\x00"]
+    for k in sorted(context):
+        parts += [k.encode(), b"=", context[k].encode(), b"\x00"]
+    return b"".join(parts)
+
+
+__all__ = ["KeyBackend", "RootKeyVersion", "WrapResult", "wrap_aad"]

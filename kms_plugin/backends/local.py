@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult
+from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult, wrap_aad
 from kms_plugin.backends.errors import (
     BackendConfigError,
     BackendUnavailable,
@@ -298,12 +298,6 @@ def set_state(path: Path, version: str, state: str) -> Keyring:
     return updated
 
 
-def _aad(key_ref: str, version: str, context: Mapping[str, str]) -> bytes:
-    parts = [_AAD_DOMAIN, key_ref.encode(), b"\x00", version.encode(), b"\x00"]
-    for k in sorted(context):
-        parts += [k.encode(), b"=", context[k].encode(), b"\x00"]
-    return b"".join(parts)
-
 
 class LocalBackend(KeyBackend):
     name: ClassVar[str] = "local"
@@ -368,7 +362,7 @@ class LocalBackend(KeyBackend):
             raise KeyDisabled(f"root key {ring.name} {key.version} is disabled")
         nonce = os.urandom(_NONCE)
         root = RootKeyVersion(ring.name, key.root_version)
-        sealed = AESGCM(key.key).encrypt(nonce, plaintext, _aad(ring.name, root.version, context))
+        sealed = AESGCM(key.key).encrypt(nonce, plaintext, wrap_aad(_AAD_DOMAIN, root, context))
         return WrapResult(bytes([_BLOB_V1]) + nonce + sealed, root)
 
     def unwrap(
@@ -391,7 +385,7 @@ class LocalBackend(KeyBackend):
             raise InvalidCiphertext("wrapped key is malformed")
         nonce, sealed = ciphertext[1 : 1 + _NONCE], ciphertext[1 + _NONCE :]
         try:
-            return AESGCM(found.key).decrypt(nonce, sealed, _aad(key.key_ref, key.version, context))
+            return AESGCM(found.key).decrypt(nonce, sealed, wrap_aad(_AAD_DOMAIN, key, context))
         except InvalidTag:
             raise InvalidCiphertext("wrapped key failed authentication") from None
 

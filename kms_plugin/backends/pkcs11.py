@@ -41,7 +41,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 from pkcs11.mechanisms import GCMParams
 
-from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult
+from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult, wrap_aad
 from kms_plugin.backends.errors import (
     BackendConfigError,
     BackendError,
@@ -116,12 +116,6 @@ def read_pin(path: Path) -> str:
         raise BackendConfigError(f"pkcs11: PIN file {path} is empty")
     return pin
 
-
-def _aad(key_ref: str, version: str, context: Mapping[str, str]) -> bytes:
-    parts = [_AAD_DOMAIN, key_ref.encode(), b"\x00", version.encode(), b"\x00"]
-    for k in sorted(context):
-        parts += [k.encode(), b"=", context[k].encode(), b"\x00"]
-    return b"".join(parts)
 
 
 class Pkcs11Backend(KeyBackend):
@@ -268,10 +262,11 @@ class Pkcs11Backend(KeyBackend):
             if not key[Attribute.ENCRYPT]:
                 raise KeyDisabled(f"HSM key {self.key_label!r} version {version} is disabled")
             nonce = os.urandom(_NONCE)
+            aad = wrap_aad(_AAD_DOMAIN, RootKeyVersion(self.key_label, version), context)
             try:
                 sealed = key.encrypt(
                     plaintext, mechanism=Mechanism.AES_GCM,
-                    mechanism_param=GCMParams(nonce, _aad(self.key_label, version, context), 128),
+                    mechanism_param=GCMParams(nonce, aad, 128),
                 )
             except _SESSION_ERRORS:
                 raise
@@ -314,7 +309,7 @@ class Pkcs11Backend(KeyBackend):
                 return bytes(
                     obj.decrypt(
                         sealed, mechanism=Mechanism.AES_GCM,
-                        mechanism_param=GCMParams(nonce, _aad(key.key_ref, key.version, context),
+                        mechanism_param=GCMParams(nonce, wrap_aad(_AAD_DOMAIN, key, context),
                                                   128),
                     )
                 )
