@@ -54,8 +54,12 @@ done < /modules/order
 say "modules loaded at $(uptime_s)s"
 
 jobtimeout=0
+hosttmp=0
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in {protocol.TIMEOUT_PARAM}=*) jobtimeout="${{arg#*=}}" ;; esac
+    case "$arg" in
+        {protocol.TIMEOUT_PARAM}=*) jobtimeout="${{arg#*=}}" ;;
+        {protocol.HOST_TMP_PARAM}=1) hosttmp=1 ;;
+    esac
 done
 # cache=mmap, not loose: under a busy host, cache=loose was seen to hand out pages of NULs
 # (and others report the same); the measured cost of mmap was within the noise.
@@ -75,7 +79,8 @@ mount -t devpts -o newinstance,ptmxmode=0666,gid=5,mode=0620 devpts $R/dev/pts |
 ln -sf pts/ptmx $R/dev/ptmx
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm || fatal "shm"
 mount -t tmpfs -o mode=0755 tmpfs $R/run || fatal "/run"
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fatal "/tmp"
+# A job whose directory is under the host's /tmp needs to see it: the overlay then serves /tmp.
+[ "$hosttmp" = 1 ] || mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fatal "/tmp"
 mkdir -p $R{protocol.GUEST_SHARE}
 mount -t 9p -o {NINEP_OPTS} {protocol.SHARE_TAG} $R{protocol.GUEST_SHARE} \\
     || fatal "cannot mount the results share (9p tag {protocol.SHARE_TAG})"

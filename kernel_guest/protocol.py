@@ -9,6 +9,9 @@ EXIT_MARKER = "KERNEL_GUEST_EXIT="  # console line with the job's exit status
 START_MARKER = "KERNEL_GUEST_JOB_START"  # console line printed just before the job starts
 TIMEOUT_MARKER = "KERNEL_GUEST_JOB_TIMEOUT"  # console line: the guest interrupted the job
 TIMEOUT_PARAM = "kernel_guest.timeout"  # kernel command line: the job's limit in seconds
+# Kernel command line: "1" keeps the host's /tmp (read-only lower, writes to the overlay)
+# instead of a fresh tmpfs, because the job's directory (e.g. a CI checkout) lives there.
+HOST_TMP_PARAM = "kernel_guest.host_tmp"
 INIT_FAILURE_EXIT = 125  # /init could not set the guest up
 JOB_TIMEOUT_EXIT = 124  # the job ran out of time (in the guest, or the host killed qemu)
 

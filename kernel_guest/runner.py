@@ -176,6 +176,9 @@ def qemu_argv(
 ) -> list[str]:
     cmdline = ["console=ttyS0", "panic=-1", "mitigations=off", "tsc=reliable"]
     cmdline.append(f"{protocol.TIMEOUT_PARAM}={guest_job_timeout(options.timeout)}")
+    tmp = Path("/tmp")
+    if options.cwd == tmp or tmp in options.cwd.resolve().parents:
+        cmdline.append(f"{protocol.HOST_TMP_PARAM}=1")
     if not options.kernel_messages:
         cmdline.append("quiet")
     argv = [
@@ -306,6 +309,8 @@ def results_directory(wanted: Path) -> Iterator[Path]:
             shutil.rmtree(candidate / ARTIFACTS, ignore_errors=True)
             yield candidate
         finally:
+            if candidate != wanted:
+                lock_path.unlink(missing_ok=True)  # named after this process: nobody else's
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
         return

@@ -29,10 +29,14 @@ stamp="$VENV/.installed"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+# An editable install maps the top-level packages that exist when it runs: redo it when the
+# project's metadata or its set of packages changes.
+packages=$(ls -d -- */__init__.py | tr '\n' ' ')
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ "$(cat "$stamp")" != "$packages" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[test]'
-  touch "$stamp"
+  printf '%s' "$packages" > "$stamp"
 fi
 # Stubs are generated from proto/ on every setup, so they can never be stale.
 "$VENV/bin/python" -m edge_proto.generate

@@ -146,6 +146,7 @@ def test_a_busy_results_directory_gives_a_sibling(tmp_path: Path) -> None:
     with results_directory(results) as first, results_directory(results) as second:
         assert first == results
         assert second != results and second.parent == results.parent
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".kernel.lock"]
 
 
 def test_kernel_version_comes_from_the_meta_package_dependency() -> None:
@@ -193,6 +194,16 @@ def test_the_guest_limit_leaves_the_host_time_to_collect_the_report() -> None:
 def test_append_carries_the_guest_limit(tmp_path: Path) -> None:
     argv = qemu_argv(_image(tmp_path), share=tmp_path, disks=[], options=GuestOptions(timeout=300))
     assert f"{protocol.TIMEOUT_PARAM}=240" in argv[argv.index("-append") + 1].split()
+
+
+def test_a_job_under_the_hosts_tmp_keeps_the_hosts_tmp_visible(tmp_path: Path) -> None:
+    def append(cwd: Path) -> list[str]:
+        argv = qemu_argv(_image(tmp_path), share=tmp_path, disks=[],
+                         options=GuestOptions(cwd=cwd))  # fmt: skip
+        return argv[argv.index("-append") + 1].split()
+
+    assert f"{protocol.HOST_TMP_PARAM}=1" in append(Path("/tmp/ci-checkout"))
+    assert f"{protocol.HOST_TMP_PARAM}=1" not in append(Path("/work/main"))
 
 
 def test_scratch_of_a_dead_runner_is_removed_and_live_ones_are_kept(tmp_path: Path) -> None:
