@@ -159,6 +159,9 @@ def render(cfg: NrmConfig, snap: Snapshot, result: ReconcileResult) -> str:
             lines.append(f"Done: {done.detail}")
         for failed in result.execution.failed:
             lines.append(f"FAILED: {failed.error} (state unknown)")
+        for unchanged in result.execution.unchanged:
+            lines.append(f"No change needed after re-reading LVM: {type(unchanged).__name__} "
+                         f"{unchanged.vg}")
         for skipped in result.execution.skipped:
             lines.append(f"Skipped after a failure: {type(skipped).__name__} {skipped.vg}")
     lines.append(f"result: {result.outcome} (exit {result.outcome.exit_code}): {result.message}")

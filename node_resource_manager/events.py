@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 VOLUME_GROUP_CREATED = "VolumeGroupCreated"
 VOLUME_GROUP_EXTENDED = "VolumeGroupExtended"
 THIN_POOL_CREATED = "ThinPoolCreated"
+THIN_POOL_EXTENDED = "ThinPoolExtended"
 DEVICE_REJECTED = "DeviceRejected"
 CONFIG_INVALID = "ConfigInvalid"
 LVM_FAILED = "LvmCommandFailed"

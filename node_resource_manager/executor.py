@@ -1,4 +1,5 @@
-"""The executor: carries out a Plan with pvcreate, vgcreate, vgextend and thin-pool lvcreate.
+"""The executor: carries out a Plan with pvcreate, vgcreate, vgextend, thin-pool lvcreate and
+thin-pool lvextend (data, and metadata when needed; only ever larger).
 
 It never runs vgremove, vgreduce, pvremove or lvremove, and never passes force flags (the LVM
 layer does not offer them for these commands). An LVM error means the state is UNKNOWN: the
@@ -17,8 +18,11 @@ from node_resource_manager.plan import (
     Action,
     CreateThinPool,
     CreateVolumeGroup,
+    ExtendThinPool,
     ExtendVolumeGroup,
     Plan,
+    pool_metadata_size,
+    thin_pool_growth,
 )
 from node_resource_manager.topology import ThinPoolSpec
 
@@ -49,6 +53,7 @@ class Execution:
     done: list[Done] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
     skipped: list[Action] = field(default_factory=list)  # after a failure in the same VG
+    unchanged: list[Action] = field(default_factory=list)  # nothing to do after all (re-read)
 
     @property
     def ok(self) -> bool:
@@ -71,12 +76,17 @@ def execute(plan: Plan, lvm: Lvm, journal: Journal) -> Execution:
             result.failed.append(Failed(action, exc))
             broken.add(action.vg)
             continue
+        if detail is None:
+            log.info("nothing to change after re-reading LVM",
+                     extra={"vg": action.vg, "action": type(action).__name__})
+            result.unchanged.append(action)
+            continue
         log.info(detail, extra={"vg": action.vg, "action": type(action).__name__})
         result.done.append(Done(action, detail))
     return result
 
 
-def _run(action: Action, lvm: Lvm, journal: Journal) -> str:
+def _run(action: Action, lvm: Lvm, journal: Journal) -> str | None:
     if isinstance(action, CreateVolumeGroup | ExtendVolumeGroup):
         paths = [d.path for d in action.devices]
         if action.new_pvs:
@@ -89,7 +99,30 @@ def _run(action: Action, lvm: Lvm, journal: Journal) -> str:
         lvm.vgextend(action.vg, paths)
         journal.done(action.devices)
         return f"extended volume group {action.vg} with {', '.join(paths)}"
+    if isinstance(action, ExtendThinPool):
+        return _extend_thin_pool(action, lvm)
     return _create_thin_pool(action, lvm)
+
+
+def _extend_thin_pool(action: ExtendThinPool, lvm: Lvm) -> str | None:
+    """Sized from a fresh look at the VG and the pool (the VG may just have been extended);
+    None when the pool needs no growth after all."""
+    name = action.spec.name
+    vg = lvm.get_vg(action.vg)
+    pool = lvm.get_lv(action.vg, name) if vg is not None else None
+    if vg is None or pool is None or not pool.is_thin_pool:
+        raise LvmError((), None, "", message=f"thin pool {action.vg}/{name} changed before it "
+                                             "could be extended; state unknown")
+    growth = thin_pool_growth(vg, pool, action.spec)
+    if growth is None:
+        return None
+    data, meta = growth
+    lvm.extend_thin_pool(action.vg, name, data, metadata_size=meta)
+    text = (f"extended thin pool {action.vg}/{name} from {pool.size // MIB} MiB to "
+            f"{data // MIB} MiB ({action.spec.size_percent}% of the VG)")
+    if meta is not None and pool.metadata_size is not None:
+        text += f"; metadata from {pool.metadata_size // MIB} MiB to {meta // MIB} MiB"
+    return text
 
 
 def _create_thin_pool(action: CreateThinPool, lvm: Lvm) -> str:
@@ -115,8 +148,7 @@ def thin_pool_sizes(vg: VolumeGroup, spec: ThinPoolSpec) -> tuple[int, int] | No
     to extents; LVM keeps a spare metadata area of the same size, so twice that stays free."""
     ext = max(vg.extent_size, 1)
     want = vg.size * spec.size_percent // 100
-    meta = min(max(want // 1000, 4 * MIB), 16 << 30)
-    meta = -(-meta // ext) * ext
+    meta = pool_metadata_size(want, ext)
     data = min(want, vg.free - 2 * meta)
     data = data // ext * ext
     if data < ext:

@@ -1,8 +1,9 @@
 """The planner: desired volume groups (the selected topology entries) against what LVM reports.
 
 Input is ONE LVM report per reconcile and one host snapshot; output is a Plan: the actions to
-take (create a VG, extend a VG, create a thin pool), the devices refused and why, and the PVs
-that are in a VG but no longer listed (reported, never removed). The planner changes nothing.
+take (create a VG, extend a VG, create a thin pool, grow a thin pool to its percent of the
+VG), the devices refused and why, and the PVs that are in a VG but no longer listed (reported,
+never removed). The planner changes nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from edge_common.lvm import LvmReport
+from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
 from node_resource_manager.devices import BlockDevice, HostPaths, ResolveError, expand_pattern
 from node_resource_manager.devices import resolve as resolve_device
 from node_resource_manager.journal import Journal
@@ -68,7 +69,23 @@ class CreateThinPool:
     spec: ThinPoolSpec
 
 
-Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool
+@dataclass(frozen=True)
+class ExtendThinPool:
+    """Grow an existing thin pool's data (and metadata if needed) to ``size_percent`` of its VG.
+
+    ``from_size``/``to_size`` are the pool's data sizes as the planner saw them; ``to_size`` is
+    None when the same plan extends the VG first (the executor then sizes the pool from the
+    grown VG). The executor always re-reads the VG and the pool and recomputes."""
+
+    vg: str
+    spec: ThinPoolSpec
+    from_size: int
+    to_size: int | None
+
+
+Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool
+
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -236,6 +253,50 @@ class Planner:
                 f"volume group {spec.name!r}: logical volume {pool.name!r} exists and is not a "
                 "thin pool; it is left alone"
             )
+        else:
+            vg = report.vg(spec.name)
+            grows_vg = any(isinstance(a, ExtendVolumeGroup) and a.vg == spec.name
+                           for a in plan.actions)
+            growth = thin_pool_growth(vg, existing, pool) if vg is not None else None
+            if growth is not None:
+                plan.actions.append(
+                    ExtendThinPool(spec.name, pool, existing.size, None if grows_vg else growth[0])
+                )
+            elif grows_vg:
+                plan.actions.append(ExtendThinPool(spec.name, pool, existing.size, None))
+
+
+def pool_metadata_size(data_bytes: int, extent: int) -> int:
+    """Thin pool metadata for ``data_bytes`` of data: about 1/1000 (64 bytes per 64 KiB
+    chunk), 4 MiB to 16 GiB, rounded up to whole extents."""
+    meta = min(max(data_bytes // 1000, 4 * MIB), 16 << 30)
+    return -(-meta // extent) * extent
+
+
+def thin_pool_growth(
+    vg: VolumeGroup, pool: LogicalVolume, spec: ThinPoolSpec
+) -> tuple[int, int | None] | None:
+    """New (data size, metadata size or None) for an existing thin pool smaller than
+    ``size_percent`` of its VG, or None when it needs no growth.
+
+    Never shrinks: the data only grows, and only by MORE than one extent (the extent rounding
+    of the creation is no reason to act); the metadata is given only when it must grow (to
+    1/1000 of the target, as at creation), and then its spare grows with it, so twice the
+    metadata growth is kept free. Growth is capped by the VG's free space."""
+    ext = max(vg.extent_size, 1)
+    want = vg.size * spec.size_percent // 100
+    meta: int | None = None
+    meta_growth = 0
+    if pool.metadata_size is not None:
+        target_meta = pool_metadata_size(want, ext)
+        if target_meta > pool.metadata_size:
+            meta, meta_growth = target_meta, target_meta - pool.metadata_size
+    if meta is not None and vg.free < 2 * meta_growth + 2 * ext:
+        meta, meta_growth = None, 0  # no room for the metadata too: grow the data only
+    data = min(want, pool.size + vg.free - 2 * meta_growth) // ext * ext
+    if data - pool.size <= ext:
+        return None
+    return data, meta
 
 
 def _conflict(dev: BlockDevice, first: str, second: str) -> str:
@@ -251,6 +312,16 @@ def _rdev_of(host: HostState, pv_name: str) -> int | None:
         if pv.name == pv_name:
             return rdev
     return None
+
+
+def extend_pool_text(act: ExtendThinPool) -> str:
+    """``extend thin pool vg/pool from X MiB to Y MiB (N% of the VG)``; Y is "N% of the
+    extended VG" when the VG grows in the same plan."""
+    target = (f"{act.to_size // MIB} MiB ({act.spec.size_percent}% of the VG)"
+              if act.to_size is not None
+              else f"{act.spec.size_percent}% of the extended VG")
+    return (f"extend thin pool {act.vg}/{act.spec.name} from {act.from_size // MIB} MiB "
+            f"to {target}")
 
 
 def describe(plan: Plan) -> str:
@@ -274,6 +345,8 @@ def describe(plan: Plan) -> str:
             elif isinstance(act, ExtendVolumeGroup):
                 lines.append(f"volume group {spec.name}: EXTEND with "
                              f"{', '.join(d.describe() for d in act.devices)}")
+            elif isinstance(act, ExtendThinPool):
+                lines.append(f"volume group {spec.name}: {extend_pool_text(act)}")
             else:
                 lines.append(f"volume group {spec.name}: CREATE THIN POOL {act.spec.name} "
                              f"({act.spec.size_percent}% of the VG, overprovision ratio "

@@ -21,9 +21,11 @@ from node_resource_manager.metrics import Metrics
 from node_resource_manager.plan import (
     CreateThinPool,
     CreateVolumeGroup,
+    ExtendThinPool,
     ExtendVolumeGroup,
     Plan,
     Planner,
+    extend_pool_text,
 )
 from node_resource_manager.safety import SafetyChecker
 from node_resource_manager.topology import ConfigInvalid, Topology, VolumeGroupSpec, gate_open
@@ -240,7 +242,14 @@ class Reconciler:
                                  if lv.name == vgp.spec.thin_pool.name and lv.is_thin_pool), None)
                     entry["thinPool"] = None if pool is None else {
                         "name": pool.name, "size": pool.size, "dataPercent": pool.data_percent,
+                        "metadataSize": pool.metadata_size,
+                        "sizePercent": vgp.spec.thin_pool.size_percent,
                         "overprovisionRatio": vgp.spec.thin_pool.overprovision_ratio}
+                    grown = [d.detail for d in (result.execution.done if result.execution
+                                                else ())
+                             if isinstance(d.action, ExtendThinPool) and d.action.vg == name]
+                    if pool is not None and grown:
+                        entry["thinPool"]["extended"] = grown[-1]
             vgs.append(entry)
         status["volumeGroups"] = vgs
         status["excludedDevices"] = [r.to_dict() for r in plan.refusals][:MAX_LISTED]
@@ -268,7 +277,8 @@ class Reconciler:
             for done in result.execution.done:
                 reason = {CreateVolumeGroup: ev.VOLUME_GROUP_CREATED,
                           ExtendVolumeGroup: ev.VOLUME_GROUP_EXTENDED,
-                          CreateThinPool: ev.THIN_POOL_CREATED}[type(done.action)]
+                          CreateThinPool: ev.THIN_POOL_CREATED,
+                          ExtendThinPool: ev.THIN_POOL_EXTENDED}[type(done.action)]
                 self.sink.event(reason, done.detail, warning=False)
             for failed in result.execution.failed:
                 self.sink.event(ev.LVM_FAILED,
@@ -301,7 +311,11 @@ class Reconciler:
                 m.actions.labels(type(failed.action).__name__, "error").inc()
 
 
-def _action_text(action: CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool) -> str:
+def _action_text(
+    action: CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool,
+) -> str:
+    if isinstance(action, ExtendThinPool):
+        return extend_pool_text(action)
     if isinstance(action, CreateThinPool):
         return f"create thin pool {action.vg}/{action.spec.name}"
     verb = "create" if isinstance(action, CreateVolumeGroup) else "extend"

@@ -33,6 +33,7 @@ class LogicalVolume:
     origin: str | None = None  # the origin of a snapshot
     data_percent: float | None = None  # thin pools, thin volumes, snapshots
     metadata_percent: float | None = None  # thin pools
+    metadata_size: int | None = None  # thin pools: bytes of the (hidden) metadata LV
     segtype: str = "linear"  # of the first segment: linear, striped, thin-pool, thin, ...
     stripes: int = 1
     path: str = ""  # /dev/<vg>/<lv>

@@ -39,6 +39,7 @@ LV_FIELDS: tuple[str, ...] = (
     "origin",
     "data_percent",
     "metadata_percent",
+    "lv_metadata_size",
 )
 SEG_FIELDS: tuple[str, ...] = ("lv_uuid", "segtype", "stripes", "seg_start")
 PV_FIELDS: tuple[str, ...] = ("pv_name", "vg_name", "pv_uuid", "pv_size", "pv_free", "dev_size")
@@ -147,6 +148,7 @@ def parse_lvs(
                 origin=_opt_str(row, "origin", ctx),
                 data_percent=_opt_float(row, "data_percent", ctx),
                 metadata_percent=_opt_float(row, "metadata_percent", ctx),
+                metadata_size=_opt_int(row, "lv_metadata_size", ctx),
                 segtype=_str(seg, "segtype", ctx),
                 stripes=_int(seg, "stripes", ctx),
                 path=f"/dev/{vg_name}/{name}",
@@ -204,6 +206,20 @@ def _opt_str(row: Row, key: str, ctx: _Context) -> str | None:
 
 def _int(row: Row, key: str, ctx: _Context) -> int:
     value = _raw(row, key, ctx)
+    try:
+        return int(value)
+    except ValueError:
+        raise ctx.fail(f"field {key!r} is not an integer: {value!r}") from None
+
+
+def _opt_int(row: Row, key: str, ctx: _Context) -> int | None:
+    """An optional size: empty (not a pool) -> None. A row without the key at all (hand-made
+    rows from before the field was reported) -> None too; a present value must parse."""
+    if key not in row:
+        return None
+    value = _raw(row, key, ctx)
+    if not value:
+        return None
     try:
         return int(value)
     except ValueError:

@@ -323,6 +323,26 @@ class Lvm:
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
         self.command("lvextend", "--size", _size(size_bytes), "--", target, timeout=timeout)
 
+    def extend_thin_pool(
+        self,
+        vg: str,
+        name: str,
+        size_bytes: int,
+        *,
+        metadata_size: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Grow thin pool vg/name's data to the absolute size size_bytes and, when given, its
+        metadata LV to the absolute size metadata_size, in ONE lvextend (lvm 2.03 accepts
+        ``--size`` with ``--poolmetadatasize`` for a thin pool and grows the metadata spare
+        with the metadata). lvm fails if a size is not larger than the current one: pass
+        metadata_size only when the metadata must grow."""
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        args = ["--size", _size(size_bytes)]
+        if metadata_size is not None:
+            args += ["--poolmetadatasize", _size(metadata_size)]
+        self.command("lvextend", *args, "--", target, timeout=timeout)
+
     def lvremove(self, vg: str, name: str, *, timeout: float | None = None) -> None:
         """Remove the LV (--yes answers "remove active LV?"; an open LV still refuses)."""
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"

@@ -34,11 +34,12 @@ pytestmark = pytest.mark.kernel
 MiB = 1 << 20
 
 
-def reconcile(lvm: Lvm, tmp: Path, text: str, *, dry_run: bool = False) -> ReconcileResult:
-    checker = SafetyChecker(SafetySettings(mount_tables=("/proc/self/mountinfo",)))
-    reconciler = Reconciler(node_name="guest", lvm=lvm, checker=checker,
+def reconcile(lvm: Lvm, tmp: Path, text: str, *, dry_run: bool = False,
+              sink: LogSink | None = None) -> ReconcileResult:
+    checker = SafetySettings(mount_tables=("/proc/self/mountinfo",))
+    reconciler = Reconciler(node_name="guest", lvm=lvm, checker=SafetyChecker(checker),
                             journal=Journal(tmp / "state"), paths=HostPaths(), gate_key=GATE,
-                            gate_value="true", sink=LogSink())
+                            gate_value="true", sink=sink or LogSink())
     return reconciler.reconcile(config_from_text(text, "test", "1"), ADMITTED, dry_run=dry_run)
 
 
@@ -97,6 +98,65 @@ def test_volume_group_and_thin_pool_from_the_guest_disks(
         again = reconcile(lvm, tmp_path, topology_text(spec))
         assert again.outcome is Outcome.CONVERGED
         assert again.plan is not None and again.plan.actions == []
+
+
+def test_thin_pool_grows_to_its_percent_when_the_volume_group_grows(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    vg = unique_vg_name("nrmgrow")
+    pool_cfg = {"name": "pool0", "sizePercent": 50, "overprovisionRatio": 2}
+    one = topology_text(entry(vg, kernel_disks[:1], thinPool=pool_cfg))
+    two = topology_text(entry(vg, kernel_disks[:2], thinPool=pool_cfg))
+    with removed_afterwards(lvm, vg):
+        assert reconcile(lvm, tmp_path, one).outcome is Outcome.CONVERGED
+        small = lvm.get_lv(vg, "pool0")
+        assert small is not None and small.is_thin_pool and small.metadata_size is not None
+        lvm.lvcreate(vg, "other", 64 * MiB)  # not the pool: never touched
+        lvm.lvcreate(vg, "thin1", 32 * MiB, thin_pool="pool0")
+
+        dry = reconcile(lvm, tmp_path, two, dry_run=True)
+        assert dry.status["plannedActions"][-1] == (
+            f"extend thin pool {vg}/pool0 from {small.size // MiB} MiB to 50% of the "
+            "extended VG")
+        unchanged = lvm.get_lv(vg, "pool0")  # a dry run changes nothing
+        assert unchanged is not None
+        assert (unchanged.size, unchanged.metadata_size) == (small.size, small.metadata_size)
+
+        sink = LogSink()
+        grown = reconcile(lvm, tmp_path, two, sink=sink)
+        assert grown.outcome is Outcome.CONVERGED, grown.message
+        found = lvm.get_vg(vg)
+        pool = lvm.get_lv(vg, "pool0")
+        assert found is not None and found.pv_count == 2
+        assert pool is not None and pool.is_thin_pool
+        ext = found.extent_size
+        assert pool.size == found.size * 50 // 100 // ext * ext > small.size
+        # 1/1000 of the grown data no longer fits the old metadata: it grew too.
+        assert pool.metadata_size is not None and pool.metadata_size > small.metadata_size
+        assert f"{OVERPROVISION_TAG}2" in pool.tags
+        other = lvm.get_lv(vg, "other")
+        assert other is not None and other.size == 64 * MiB
+        thin1 = lvm.get_lv(vg, "thin1")
+        assert thin1 is not None and thin1.pool_lv == "pool0"
+        extended = [m for r, m, _ in sink.events if r == "ThinPoolExtended"]
+        assert extended == [f"extended thin pool {vg}/pool0 from {small.size // MiB} MiB to "
+                            f"{pool.size // MiB} MiB (50% of the VG); metadata from "
+                            f"{small.metadata_size // MiB} MiB to "
+                            f"{pool.metadata_size // MiB} MiB"]
+        (status_vg,) = grown.status["volumeGroups"]
+        assert status_vg["thinPool"]["size"] == pool.size
+        assert status_vg["thinPool"]["extended"] == extended[0]
+
+        again = reconcile(lvm, tmp_path, two)
+        assert again.plan is not None and again.plan.actions == []
+
+        # A larger percent in the config grows the pool without any new disk.
+        pool_cfg["sizePercent"] = 70
+        more = reconcile(lvm, tmp_path, topology_text(entry(vg, kernel_disks[:2],
+                                                             thinPool=pool_cfg)))
+        assert more.outcome is Outcome.CONVERGED, more.message
+        bigger = lvm.get_lv(vg, "pool0")
+        assert bigger is not None and bigger.size == found.size * 70 // 100 // ext * ext
 
 
 def test_our_own_logical_volume_is_refused_as_a_device_mapper_device(
