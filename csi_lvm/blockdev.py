@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 CHUNK = 4 << 20
@@ -29,17 +28,6 @@ _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 
 class BlockDeviceError(Exception):
     pass
-
-
-def device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-        return int(struct.unpack("Q", buf)[0])
-    except OSError:
-        return os.lseek(fd, 0, os.SEEK_END)  # a regular file (tests)
-    finally:
-        os.close(fd)
 
 
 def wait_for_device(path: str, timeout: float = 10.0) -> None:

@@ -21,9 +21,7 @@ SUPPORTED_MODES = frozenset({
     Mode.SINGLE_NODE_SINGLE_WRITER,
     Mode.SINGLE_NODE_MULTI_WRITER,
 })
-READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
 DEFAULT_FS_TYPE = "ext4"
-SUPPORTED_FS_TYPES = ("ext4", "xfs", "btrfs")
 
 
 @lru_cache(maxsize=1)

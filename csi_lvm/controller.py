@@ -492,7 +492,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             # could never hold is still ALREADY_EXISTS (or the volume itself) for it.
             found = self._get(ref)
             if found is not None:
-                vol = self._existing(ref, found, name, 0, required, limit, ctx, source_tag)
+                vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
                 if vol is not None:
                     return vol
             raise
@@ -502,7 +502,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if plan.pending:
             found = self._get(ref)
             if found is not None:
-                vol = self._existing(ref, found, name, size, required, limit, ctx, source_tag)
+                vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
                 if vol is not None:
                     return vol
                 self._discard_pending(ref, source)
@@ -512,8 +512,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if pool is None or size > pool.available:
                 found = None if plan.pending else self._get(ref)
                 if found is not None:  # a retry of a create that filled the pool
-                    vol = self._existing(ref, found, name, size, required, limit, ctx,
-                                         source_tag)
+                    vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
                     if vol is not None:
                         return vol
                 raise ResourceExhausted(
@@ -535,7 +534,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             found = self._get(ref)
             if found is None:
                 raise Unavailable(f"{ref} vanished while being created; retry")
-            vol = self._existing(ref, found, name, size, required, limit, ctx, source_tag)
+            vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
             if vol is not None:
                 return vol
             self._discard_pending(ref, source)
@@ -588,7 +587,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return Plan("plain", "header")
 
     def _existing(self, ref: LvRef, found: tuple[LogicalVolume, Ownership], name: str,
-                  size: int, required: int, limit: int, ctx: dict[str, str],
+                  required: int, limit: int, ctx: dict[str, str],
                   source_tag: str) -> csi_pb2.Volume | None:
         """The response for an LV that already has our derived name, or None when it is a
         pending leftover of a crashed attempt (to be removed and redone)."""

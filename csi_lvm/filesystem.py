@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 from edge_common.commands import CommandError, CommandNotFound, CommandTimeout, run
 
-SUPPORTED_FS_TYPES = ("ext4", "xfs", "btrfs")
 BLANK_HEAD_BYTES = 4096
 PROBE_TIMEOUT = 30.0
 MKFS_TIMEOUT = 600.0

@@ -17,7 +17,7 @@ from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
 from csi_lvm.recovery import sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
-from edge_common.metrics import HealthChecks, MetricsServer
+from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from edge_common.server import GrpcServer, RpcMetrics
 from edge_proto.csi.v1 import csi_pb2_grpc
 
@@ -25,22 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def lvm_settings(config: CsiConfig) -> LvmSettings:
-    kw: dict[str, object] = {
-        "command": tuple(config.lvm_command),
-        "extra_args": tuple(config.lvm_extra_args),
-        "timeout": config.lvm_timeout_seconds,
-        "config": config.lvm_config or None,
-    }
-    if config.lvm_auto_driverloaded:
-        return LvmSettings.for_this_kernel(**kw)
-    return LvmSettings(**kw)  # type: ignore[arg-type]
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics_address {address!r}: expected host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return LvmSettings.from_options(
+        config.lvm_command, config.lvm_extra_args, config.lvm_timeout_seconds,
+        config.lvm_config, auto_driverloaded=config.lvm_auto_driverloaded)
 
 
 class Driver:
@@ -90,7 +77,7 @@ class Driver:
                 log.warning("lvm report failed at start-up", extra={"error": exc.message})
             self.cache.start()
         if self.config.metrics_address:
-            host, port = parse_address(self.config.metrics_address)
+            host, port = parse_host_port(self.config.metrics_address)
             checks = HealthChecks(ready={"lvm": self.identity.readiness})
             self.metrics = MetricsServer(host, port, registry=self.registry,
                                          checks=checks).start()

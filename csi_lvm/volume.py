@@ -44,7 +44,7 @@ import hashlib
 import json
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +64,6 @@ KIND_VOLUME = "volume"
 KIND_SNAPSHOT = "snapshot"
 KIND_TEMPORARY = "temporary"  # a COW/thin snapshot used while cloning: always removable
 
-MAX_LV_NAME = 48
 _HASH_HEX = 16
 _SIMPLE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,47}")
 _LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
@@ -115,10 +114,6 @@ def parse_id(object_id: str) -> LvRef:
     if not sep or not is_lvm_name(vg) or not is_lvm_name(lv):
         raise InvalidId(f"{object_id!r} is not a volume id of this driver (expected <vg>/<lv>)")
     return LvRef(vg, lv)
-
-
-def format_id(vg: str, lv: str) -> str:
-    return LvRef(vg, lv).id
 
 
 def _hash(text: str) -> str:
@@ -284,19 +279,6 @@ def split_mount_options(text: str) -> list[str]:
 
 
 # --- resolving an id on the node --------------------------------------------------------------
-
-
-class _LvRecord(Protocol):
-    """The parts of edge_common.lvm.LogicalVolume this module reads."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def vg_name(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def tags(self) -> Sequence[str]: ...
 
 
 class _LvLookup(Protocol):

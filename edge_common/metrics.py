@@ -23,6 +23,14 @@ class HealthChecks:
     ready: dict[str, Check] = field(default_factory=dict)
 
 
+def parse_host_port(address: str) -> tuple[str, int]:
+    """A metrics_address "host:port" or "[v6]:port" -> (host, port); no host: all addresses."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics_address {address!r}: expected host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def run_checks(checks: Mapping[str, Check]) -> tuple[bool, str]:
     ok = True
     lines = []

@@ -272,9 +272,6 @@ class Cache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def clean_debs(self) -> None:
-        shutil.rmtree(self.root / "debs", ignore_errors=True)
-
 
 def _prune_initramfs(kdir: Path, keep: Path, min_age: float = 3600.0) -> list[str]:
     """Delete older initramfs builds (another recipe: another module list or /init) that

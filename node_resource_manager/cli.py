@@ -17,7 +17,7 @@ from typing import Protocol
 
 from edge_common.log import setup_logging
 from edge_common.lvm import Lvm
-from edge_common.metrics import HealthChecks, MetricsServer
+from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from node_resource_manager.agent import Agent
 from node_resource_manager.config import NrmConfig, load_config
 from node_resource_manager.events import Deduper, LogSink, Sink
@@ -119,9 +119,9 @@ def run(cfg: NrmConfig) -> int:
 
     server: MetricsServer | None = None
     if cfg.metrics_address:
-        host, _, port = cfg.metrics_address.rpartition(":")
+        host, port = parse_host_port(cfg.metrics_address)
         checks = HealthChecks(live={"loop": agent.healthy}, ready={"reconciled": agent.ready})
-        server = MetricsServer(host or "0.0.0.0", int(port), registry=metrics.registry,
+        server = MetricsServer(host, port, registry=metrics.registry,
                                checks=checks).start()
     source.start(agent.trigger, stop)
     udev = None

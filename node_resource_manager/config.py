@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_common.config import load, option
-from edge_common.lvm import Lvm, LvmSettings
+from edge_common.lvm import LvmSettings
 from edge_common.version import VERSION
 from node_resource_manager.devices import HostPaths
+from node_resource_manager.mounts import DEFAULT_MOUNT_TABLES
 from node_resource_manager.safety import SafetySettings
 
 ENV_PREFIX = "NRM_"
@@ -79,7 +80,7 @@ class NrmConfig:
                                         metavar="SECONDS")
     probe_timeout_seconds: float = option(20.0, help="timeout of one blkid/wipefs probe",
                                           metavar="SECONDS")
-    mount_tables: list[str] = option(["/proc/1/mountinfo", "/proc/self/mountinfo"],
+    mount_tables: list[str] = option(list(DEFAULT_MOUNT_TABLES),
                                      help="mountinfo files read to find mounted devices (the "
                                      "host's: run with hostPID)", metavar="FILE,...")
     swaps_file: str = option("/proc/swaps", help="active swap list", metavar="FILE")
@@ -109,15 +110,9 @@ class NrmConfig:
         return bool(self.topology_file)
 
     def lvm_settings(self) -> LvmSettings:
-        kw: dict[str, object] = {
-            "command": tuple(self.lvm_command),
-            "extra_args": tuple(self.lvm_extra_args),
-            "timeout": self.lvm_timeout_seconds,
-            "config": self.lvm_config or None,
-        }
-        if self.lvm_auto_driverloaded:
-            return Lvm.settings_for_this_kernel(**kw)
-        return LvmSettings(**kw)  # type: ignore[arg-type]
+        return LvmSettings.from_options(
+            self.lvm_command, self.lvm_extra_args, self.lvm_timeout_seconds, self.lvm_config,
+            auto_driverloaded=self.lvm_auto_driverloaded)
 
     def host_paths(self) -> HostPaths:
         return HostPaths(dev=Path(self.dev_dir), sys=Path(self.sys_dir),

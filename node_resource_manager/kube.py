@@ -6,8 +6,9 @@ and bookmarks); a 410 Gone means the history moved on: the object is fetched aga
 Only label changes of the Node trigger a reconcile, so the agent's own annotation patches do not
 wake it up.
 
-RBAC needed: configmaps get/list/watch in the ConfigMap's namespace; nodes get/watch/patch
-(the agent's own Node, selected with metadata.name); events create.
+RBAC needed: configmaps list/watch in the ConfigMap's namespace, restricted by resourceNames to
+the one ConfigMap (both use the field selector metadata.name=<name>); nodes get/watch/patch (the
+agent's own Node, selected with metadata.name); events create.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class Planner:
             if spec.type is TopologyType.DEVICE:
                 candidates = self._dedupe_listed(spec.name, resolved[spec.name], plan)
             else:
-                candidates = self._pattern_candidates(spec, plan)
+                candidates = self._pattern_candidates(spec)
             eligible: list[BlockDevice] = []
             wanted: set[int] = set()
             for dev in candidates:
@@ -229,7 +229,7 @@ class Planner:
                 )
         return out
 
-    def _pattern_candidates(self, spec: VolumeGroupSpec, plan: Plan) -> list[BlockDevice]:
+    def _pattern_candidates(self, spec: VolumeGroupSpec) -> list[BlockDevice]:
         out: dict[int, BlockDevice] = {}
         for pattern in spec.patterns:
             for path in expand_pattern(pattern, self.paths):

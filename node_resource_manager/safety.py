@@ -19,7 +19,12 @@ from pathlib import Path
 from edge_common.commands import CommandNotFound, CommandTimeout, run
 from edge_common.lvm import PhysicalVolume
 from node_resource_manager.devices import BlockDevice, HostPaths, parse_majmin, read_attr, sys_dir
-from node_resource_manager.mounts import MountTable, read_mount_tables, read_swaps
+from node_resource_manager.mounts import (
+    DEFAULT_MOUNT_TABLES,
+    MountTable,
+    read_mount_tables,
+    read_swaps,
+)
 
 
 class Reason(enum.StrEnum):
@@ -65,7 +70,7 @@ class HostState:
 @dataclass(frozen=True)
 class SafetySettings:
     paths: HostPaths = HostPaths()
-    mount_tables: tuple[str, ...] = ("/proc/1/mountinfo", "/proc/self/mountinfo")
+    mount_tables: tuple[str, ...] = DEFAULT_MOUNT_TABLES
     swaps_file: str = "/proc/swaps"
     probe_timeout: float = 20.0
     blkid: tuple[str, ...] = ("blkid",)

@@ -68,3 +68,21 @@ class LvmSettings:
             config=settings.config,
             env=settings.env,
         )
+
+    @classmethod
+    def from_options(
+        cls,
+        command: Sequence[str],
+        extra_args: Sequence[str],
+        timeout: float,
+        config: str,
+        *,
+        auto_driverloaded: bool,
+    ) -> LvmSettings:
+        """The settings behind a service's ``lvm_*`` options (an empty ``config`` means none);
+        ``auto_driverloaded`` applies :meth:`for_this_kernel`."""
+        if auto_driverloaded:
+            return cls.for_this_kernel(command=tuple(command), extra_args=tuple(extra_args),
+                                       timeout=timeout, config=config or None)
+        return cls(command=tuple(command), extra_args=tuple(extra_args), timeout=timeout,
+                   config=config or None)
