@@ -104,6 +104,11 @@ class PluginConfig:
         "/etc/kms-plugin/keyring.json", help="local backend: keyring file (mode 0600)",
         metavar="FILE",
     )
+    local_allow_rollback: bool = option(
+        False,
+        help="local backend: accept a re-read keyring whose next_generation went down or that "
+        "lost keys seen before (a restore from backup is intended); default: refuse, unhealthy",
+    )
 
     # --- pkcs11 backend --------------------------------------------------------------------
     pkcs11_module: str = option(
@@ -199,7 +204,8 @@ class PluginConfig:
             for f in dataclasses.fields(self):
                 if f.name.startswith(prefix):
                     value = getattr(self, f.name)
-                    if value is not None and value != "":
+                    # unset and off (False: every backend flag defaults to off) are left out
+                    if value is not None and value != "" and value is not False:
                         out[f.name[len(prefix) :]] = value
         out.update(self.backend_options)
         return out
