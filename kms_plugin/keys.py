@@ -55,6 +55,7 @@ log = logging.getLogger("kms_plugin.keys")
 # AES-GCM with random 96-bit nonces: stay far below 2^32 messages per key.  The soft limit
 # (policy.max_uses) triggers a background rotation; the hard limit refuses to encrypt.
 HARD_MAX_USES = 2**30
+UNUSABLE_SUFFIX = ":root-key-unusable"
 MAX_POLICY_USES = 2**28
 
 
@@ -157,8 +158,15 @@ class KeyManager:
         return self._current
 
     def status_key_id(self) -> str:
+        """The key_id Status reports.  While Encrypt is blocked (root key disabled or gone) it
+        is the current key_id with UNUSABLE_SUFFIX: kube-apiserver extends its cached seed
+        for as long as Status keeps the key_id it has, so an unchanged key_id would let it
+        write on under a revoked key; a changed one makes it ask Encrypt (refused) and its
+        seed expires (docs/kms-plugin.md, "Revocation")."""
         cur = self._current
-        return cur.key_id if cur is not None else ""
+        if cur is None:
+            return ""
+        return cur.key_id if self._encrypt_block is None else cur.key_id + UNUSABLE_SUFFIX
 
     def block_encrypt(self, reason: BackendError | None) -> None:
         """Refuse (or allow again) Encrypt, e.g. while the root key is disabled."""
@@ -342,4 +350,4 @@ class KeyManager:
         self.backend.close()
 
 
-__all__ = ["HARD_MAX_USES", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]
+__all__ = ["HARD_MAX_USES", "UNUSABLE_SUFFIX", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]

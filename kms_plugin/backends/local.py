@@ -72,7 +72,6 @@ from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult, wra
 from kms_plugin.backends.errors import (
     BackendConfigError,
     BackendError,
-    BackendUnavailable,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
@@ -86,6 +85,11 @@ _AAD_DOMAIN = b"kms-plugin.edge.io/local-backend-wrap\x00"
 
 class KeyringError(Exception):
     """The keyring file is missing, unsafe or malformed (message names the problem)."""
+
+
+class KeyringUnusable(BackendError):
+    """The keyring file of a running backend became unreadable, unsafe or malformed: an
+    operator must fix it (unhealthy, not the "degraded" of a passing network fault)."""
 
 
 class KeyringRollback(BackendError):
@@ -449,7 +453,7 @@ class LocalBackend(KeyBackend):
                 st = self.path.stat()
             except OSError as exc:
                 if self._ring is not None and not force:
-                    raise BackendUnavailable(
+                    raise KeyringUnusable(
                         f"keyring {self.path} unreadable: {exc.strerror}"
                     ) from None
                 raise KeyringError(f"keyring {self.path}: {exc.strerror or exc}") from None
@@ -461,9 +465,9 @@ class LocalBackend(KeyBackend):
                     if self._ring is None or force:
                         raise
                     # a broken or unsafe file on a running plugin: keep serving, say why
-                    raise BackendUnavailable(str(exc)) from None
+                    raise KeyringUnusable(str(exc)) from None
                 if self._ring is not None and ring.name != self._ring.name:
-                    raise BackendUnavailable(f"keyring {self.path} changed its name; refused")
+                    raise KeyringUnusable(f"keyring {self.path} changed its name; refused")
                 self._check_rollback(ring)
                 self._ring, self._stamp = ring, stamp
             assert self._ring is not None
@@ -514,6 +518,7 @@ __all__ = [
     "Keyring",
     "KeyringError",
     "KeyringRollback",
+    "KeyringUnusable",
     "LocalBackend",
     "RingKey",
     "check_permissions",
