@@ -56,15 +56,17 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from kms_plugin.hardening import harden_process
     from kms_plugin.plugin import Plugin
 
+    harden_process()  # before any key is in memory
     config = _config(ns)
     _setup_logging(config)
     notifier = None
     if config.kube_events:
         from kms_plugin.events import KubeEventNotifier
 
-        notifier = KubeEventNotifier.from_environment()
+        notifier = KubeEventNotifier.from_environment()  # None (and a warning) when it can't
     plugin = Plugin.create(config, notifier=notifier)
     plugin.run_until_signal()
     return EXIT_OK

@@ -32,7 +32,8 @@ class PluginConfig:
     # --- serving ---------------------------------------------------------------------------
     endpoint: str = option(
         "unix:///var/run/kms-plugin/kms.sock",
-        help="gRPC endpoint for kube-apiserver: unix:///path or unix:///@abstract-name",
+        help="gRPC endpoint for kube-apiserver: unix:///path (serve refuses abstract "
+        "unix:///@name sockets: they have no permissions)",
         metavar="URL",
     )
     socket_group: str | None = option(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from edge_common.metrics import HealthChecks, MetricsServer
-from edge_common.server import GrpcServer
+from edge_common.server import EndpointError, GrpcServer, parse_endpoint
 from kms_plugin.audit import AuditLog
 from kms_plugin.backends.base import KeyBackend
 from kms_plugin.backends.registry import create_backend
@@ -25,6 +25,17 @@ from kms_plugin.service_v2 import register as register_v2
 log = logging.getLogger("kms_plugin")
 
 STARTUP_WAIT = 2.0  # seconds serve waits for the first key before opening the socket anyway
+
+
+def check_serving_endpoint(endpoint: str) -> None:
+    """Refuse to serve on an abstract unix socket: it has no file permissions, so any local
+    user and any hostNetwork pod could connect and use Decrypt as an oracle."""
+    if parse_endpoint(endpoint).abstract_name is not None:
+        raise EndpointError(
+            f"endpoint {endpoint!r} is an abstract unix socket: it has no file permissions, so "
+            "any local user or hostNetwork pod could decrypt Secrets through it; serve on a "
+            "socket file (unix:///var/run/kms-plugin/kms.sock, mode 0600 or --socket-group)"
+        )
 
 
 def build_backend(
@@ -72,6 +83,7 @@ class Plugin:
         notifier: Notifier | None = None,
         audit_stream: TextIO | None = None,
     ) -> Plugin:
+        check_serving_endpoint(config.endpoint)
         metrics = PluginMetrics()
         if backend is None:
             instrumented = build_backend(config, metrics)
@@ -177,4 +189,4 @@ class Plugin:
         self.server.run_until_signal(self.config.shutdown_grace, on_stop=self.close)
 
 
-__all__ = ["Plugin", "build_backend", "build_key_manager"]
+__all__ = ["Plugin", "build_backend", "build_key_manager", "check_serving_endpoint"]

@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,7 +99,7 @@ class KeyringRollback(BackendError):
 @dataclass(frozen=True)
 class RingKey:
     generation: int
-    key: bytes
+    key: bytes = field(repr=False)  # key material: never in a repr or a log line
     created: str
     state: str = "enabled"
 
