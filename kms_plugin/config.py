@@ -40,7 +40,11 @@ class PluginConfig:
         None, help="group that may use the socket (mode becomes 0660; default 0600)",
         metavar="GROUP",
     )
-    max_workers: int = option(16, help="gRPC worker threads")
+    max_workers: int = option(
+        64, help="requests that may wait for the backend at once (more get UNAVAILABLE at "
+        "once); the server has 2 threads more, so Status always answers (threads start on "
+        "demand: an idle plugin has few)"
+    )
     shutdown_grace: float = option(
         10.0, help="seconds in-flight calls get to finish after SIGTERM", metavar="SECONDS"
     )

@@ -25,6 +25,9 @@ from kms_plugin.service_v2 import register as register_v2
 log = logging.getLogger("kms_plugin")
 
 STARTUP_WAIT = 2.0  # seconds serve waits for the first key before opening the socket anyway
+# server threads beyond max_workers that requests waiting for the backend can never take:
+# Status (and requests answered from memory) always find one, even in a Decrypt storm
+STATUS_RESERVE = 2
 
 
 def check_serving_endpoint(endpoint: str) -> None:
@@ -58,6 +61,7 @@ def build_key_manager(
         policy=config.kek_policy(),
         cache_size=config.kek_cache_size,
         events=metrics,
+        backend_slots=config.max_workers,
     )
 
 
@@ -105,7 +109,7 @@ class Plugin:
             [register_v2(v2), register_v1beta1(v1)],
             socket_mode=0o660 if config.socket_group else 0o600,
             socket_group=config.socket_group,
-            max_workers=config.max_workers,
+            max_workers=config.max_workers + STATUS_RESERVE,
         )
         http = None
         plugin_ref: list[Plugin] = []
