@@ -191,3 +191,41 @@ def test_a_refused_pin_is_not_retried_on_every_call_and_a_fixed_pin_file_is_used
     pin_file.write_text(good)  # the operator fixes the PIN file
     assert backend.wrap(b"k" * 32, CTX).key == backend.current_key()
     assert backend.login_attempts == before + 2
+
+
+def _import_known_key(backend: Pkcs11Backend, obj_id: bytes) -> None:
+    with _session(backend) as s:
+        s.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: b"k" * 32, Attribute.LABEL: backend.key_label,
+            Attribute.ID: obj_id, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+        })
+
+
+def test_a_running_plugin_keeps_its_key_id_and_counts_the_imported_key_in_a_metric(
+    request: pytest.FixtureRequest, tmp_path: Path, start_plugin: Any
+):
+    from edge_common.server import unix_channel
+    from edge_proto.kms.v2 import service_pb2, service_pb2_grpc
+    from tests.kms.conftest import make_rig
+
+    rig = make_rig("pkcs11", request, tmp_path)
+    admin = rig.extra["admin"]
+    try:
+        rp = start_plugin(rig)
+        with unix_channel(rp.endpoint) as ch:
+            before = service_pb2_grpc.KeyManagementServiceStub(ch).Status(
+                service_pb2.StatusRequest(), timeout=5).key_id
+        _import_known_key(admin, b"\x00\x00\x01\x00")
+        rp.plugin.monitor.refresh()
+        rp.plugin.monitor.probe()
+        with unix_channel(rp.endpoint) as ch:
+            after = service_pb2_grpc.KeyManagementServiceStub(ch).Status(
+                service_pb2.StatusRequest(), timeout=5)
+        assert after.key_id == before and after.healthz == "ok"
+        value = rp.plugin.metrics.registry.get_sample_value("kms_plugin_backend_rejected_keys")
+        assert value == 1
+    finally:
+        admin.close()
