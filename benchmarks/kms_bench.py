@@ -8,15 +8,18 @@ Every server runs in its own process and every load generator in a separate clie
 1. floor: a bare Python gRPC server implementing KMS v2 Encrypt/Decrypt that only AES-GCM-wraps
    the 32 bytes with a fixed key (no formats, no validation, no metrics, no logs);
 2. the plugin (`kms-plugin serve`, local backend, default settings incl. audit log lines);
-3. Encrypt of a 32-byte seed and Decrypt of its ciphertext, 1 and 16 concurrent clients:
+3. Encrypt of a 32-byte seed and Decrypt of its ciphertext, 1 and 4 concurrent clients:
    ops/s, p50, p99 and the plugin/floor p50 ratio;
 4. backend calls during 10,000 Encrypts (plugin metrics; background health probes shown apart);
 5. a restart, then 200 seeds (written under several local KEKs: --kek-max-uses 50) decrypted
    by 16 concurrent cold clients: backend calls vs distinct local KEKs;
-6. resident memory (VmRSS) of the idle plugin, and the time from process start to the first
+6. Status latency (p99) while that storm runs plus 16 clients decrypting (kube-apiserver polls
+   Status with a short timeout and marks the provider unhealthy when it is late);
+7. resident memory (VmRSS) of the idle plugin, and the time from process start to the first
    Status answering `ok` (median of 5 starts).
-Targets (issue 3): p50 within 1.3x of the floor; <= 2 backend calls per 10,000 Encrypts;
-<= 1 backend call per distinct local KEK after a restart; idle RSS < 60 MB; first ok < 1 s.
+Targets (issues 3 and 14): p50 within 1.15x of the floor at 1 and 4 clients; <= 2 backend calls
+per 10,000 Encrypts; <= 1 backend call per distinct local KEK after a restart; Status p99 <
+100 ms during the storm; idle RSS < 60 MB; first ok < 1 s.
 With --write-docs the figures replace the "KMS plugin" section of docs/benchmarks.md.
 """
 
@@ -47,7 +50,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.report import rss_kib, write_section  # noqa: E402
 
 SECTION = "## KMS plugin"
-CLIENT_COUNTS = (1, 16)
+CLIENT_COUNTS = (1, 4)
+P50_TARGET = 1.15
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 
 
@@ -113,7 +117,7 @@ def run_client(endpoint: str, op: str, clients: int, calls: int, data_file: str 
             )
             for d in json.loads(Path(data_file).read_text())
         ]
-    else:
+    if op != "decrypt-file":
         enc = stubs[0].Encrypt(service_pb2.EncryptRequest(plaintext=os.urandom(32)), timeout=5)
         dec_req = service_pb2.DecryptRequest(
             ciphertext=enc.ciphertext, key_id=enc.key_id, annotations=dict(enc.annotations),
@@ -133,6 +137,13 @@ def run_client(endpoint: str, op: str, clients: int, calls: int, data_file: str 
                 for _ in range(20):
                     stub.Encrypt(service_pb2.EncryptRequest(plaintext=seed), timeout=5)
             barrier.wait()
+            if op == "status":  # a poller, as kube-apiserver's health check (but faster)
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    stub.Status(service_pb2.StatusRequest(), timeout=5)
+                    lat.append(time.perf_counter() - t0)
+                    time.sleep(0.005)
+                return
             if op == "decrypt-file":
                 for req in seeds[i::clients]:
                     t0 = time.perf_counter()
@@ -300,7 +311,7 @@ def run(calls: int, rounds: int) -> dict[str, Any]:
     with floor(workdir) as fl, plugin(workdir, keyring, "plugin") as pl:
         fl.wait_ok()
         pl.wait_ok()
-        time.sleep(2)
+        time.sleep(7)
         results["floor_rss_mib"] = fl.rss_mib()
         results["fresh_rss_mib"] = pl.rss_mib()
         # interleaved rounds (floor, plugin, floor, plugin ...): drift and noise from other
@@ -345,8 +356,29 @@ def run(calls: int, rounds: int) -> dict[str, Any]:
         )
         results["storm_wall"] = storm["wall"]
         results["storm_p99"] = summarize(storm)["p99"]
-        time.sleep(3)
+        time.sleep(7)  # idle: the plugin returns what the burst left within 5 s
         results["idle_rss_mib"] = restarted.rss_mib()
+
+    # Status while cold Decrypts (a fresh process: nothing cached) and hot ones storm in
+    with plugin(workdir, keyring, "storm", "--kek-max-uses", "50") as stormed:
+        stormed.wait_ok()
+        out: dict[str, Any] = {}
+
+        def background(name: str, op: str, clients: int, calls: int,
+                       data_file: str | None = None) -> threading.Thread:
+            def go() -> None:
+                out[name] = client(stormed.endpoint, op, clients, calls, data_file)
+            t = threading.Thread(target=go)
+            t.start()
+            return t
+
+        threads = [background("cold", "decrypt-file", 16, 0, str(data)),
+                   background("hot", "decrypt", 16, 400),
+                   background("status", "status", 1, 300)]
+        for t in threads:
+            t.join()
+        results["status_storm_p99"] = summarize(out["status"])["p99"]
+        results["status_storm_max"] = max(out["status"]["latencies"])
 
     starts = []
     for i in range(5):
@@ -390,7 +422,7 @@ def report(r: dict[str, Any], calls: int, rounds: int) -> str:
                 f"{ms(f['p99'])} | {p['ops']:.0f} | {ms(p['p50'])} | {ms(p['p99'])} | "
                 f"{ratio:.2f}x |"
             )
-    ok = "met" if worst <= 1.3 else "NOT met"
+    ok = "met" if worst <= P50_TARGET else "NOT met"
     calls10k = r["calls_per_10k"]
     probes = r["probes_in_10k"]
     encrypt_caused = max(0.0, calls10k - 3 * probes)
@@ -398,7 +430,7 @@ def report(r: dict[str, Any], calls: int, rounds: int) -> str:
         "",
         "| figure | result | target |",
         "|---|---|---|",
-        f"| worst p50 ratio plugin/floor | {worst:.2f}x | <= 1.3x: {ok} |",
+        f"| worst p50 ratio plugin/floor | {worst:.2f}x | <= {P50_TARGET}x: {ok} |",
         f"| backend calls during 10,000 Encrypts | {encrypt_caused:.0f} caused by Encrypt "
         f"({calls10k:.0f} in total incl. {probes:.0f} background health probe(s) of 3 calls) "
         f"| <= 2: {'met' if encrypt_caused <= 2 else 'NOT met'} |",
@@ -406,6 +438,9 @@ def report(r: dict[str, Any], calls: int, rounds: int) -> str:
         f"{r['storm_unwraps']:.0f} for {r['storm_keks']} distinct local KEKs "
         f"(wall {r['storm_wall'] * 1000:.0f} ms, p99 {ms(r['storm_p99'])}) | "
         f"<= 1 per local KEK: {'met' if r['storm_unwraps'] <= r['storm_keks'] else 'NOT met'} |",
+        f"| Status p99 while 16 cold + 16 hot clients decrypt | "
+        f"{ms(r['status_storm_p99'])} (max {ms(r['status_storm_max'])}) | < 100 ms: "
+        f"{'met' if r['status_storm_p99'] < 0.1 else 'NOT met'} |",
         f"| idle plugin memory (VmRSS) after the decrypt storm | {r['idle_rss_mib']:.1f} MiB "
         f"= {r['idle_rss_mib'] * 1.048576:.1f} MB (freshly started: {r['fresh_rss_mib']:.1f} MiB; "
         f"the bare floor server: {r['floor_rss_mib']:.1f} MiB) | < 60 MB: "
@@ -430,7 +465,7 @@ def main() -> int:
     c = sub.add_parser("client", help="(internal) run a load generator")
     c.add_argument("--endpoint", required=True)
     c.add_argument("--op", required=True,
-                   choices=("encrypt", "decrypt", "encrypt-dump", "decrypt-file"))
+                   choices=("encrypt", "decrypt", "encrypt-dump", "decrypt-file", "status"))
     c.add_argument("--clients", type=int, default=1)
     c.add_argument("--calls", type=int, default=1000)
     c.add_argument("--data-file")

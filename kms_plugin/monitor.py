@@ -49,6 +49,7 @@ from kms_plugin.backends.errors import (
     KeyDisabled,
     KeyNotFound,
 )
+from kms_plugin.hardening import release_free_memory
 from kms_plugin.keys import KeyManager
 from kms_plugin.metrics import PluginMetrics, outcome_of
 
@@ -57,6 +58,7 @@ log = logging.getLogger("kms_plugin.monitor")
 OK, DEGRADED, UNHEALTHY = "ok", "degraded", "unhealthy"
 _PROBE_CONTEXT = {"kms-plugin.edge.io/purpose": "health-probe"}
 _REASON_MAX = 200
+TRIM_INTERVAL = 5.0  # seconds: the loop wakes at least this often to return freed memory
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ class Monitor:
                     time.time(), False,
                 ))
                 delay = self.settings.retry_interval
-            self._wake.wait(timeout=max(0.01, delay))
+            release_free_memory()  # what a burst of requests left behind, while idle
+            self._wake.wait(timeout=max(0.01, min(delay, TRIM_INTERVAL)))
             self._wake.clear()
 
     def run_once(self) -> float:
