@@ -45,6 +45,7 @@ from kms_plugin.backends.errors import (
     BackendError,
     BackendThrottled,
     BackendUnavailable,
+    CredentialsRefused,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
@@ -269,6 +270,11 @@ class Monitor:
                 time.time(),
                 True,
                 problem,
+            )
+        except CredentialsRefused as exc:  # an operator must act (and an HSM may lock the PIN)
+            error = exc
+            snap = HealthSnapshot(
+                UNHEALTHY, _short(f"backend refuses the credentials: {exc}"), time.time(), True
             )
         except BackendThrottled as exc:
             error = exc

@@ -229,3 +229,30 @@ def test_a_running_plugin_keeps_its_key_id_and_counts_the_imported_key_in_a_metr
         assert value == 1
     finally:
         admin.close()
+
+
+def test_a_refused_pin_makes_the_running_plugin_unhealthy_and_is_counted(
+    request: pytest.FixtureRequest, tmp_path: Path, start_plugin: Any
+):
+    from tests.kms.conftest import make_rig
+
+    rig = make_rig("pkcs11", request, tmp_path)
+    admin = rig.extra["admin"]
+    try:
+        rp = start_plugin(rig)
+        admin.close()  # the test's admin session goes: the plugin's is the only one
+        inner = rp.plugin.backend.inner
+        Path(rig.options["pkcs11_pin_file"]).write_text("999999\n")
+        inner._pin = "999999"  # the token's PIN changed, the PIN file was not updated
+        inner.drop_session()
+        snap = rp.plugin.monitor.probe()
+        assert snap.state == "unhealthy" and "refuses the credentials" in snap.reason
+        value = rp.plugin.metrics.registry.get_sample_value(
+            "kms_plugin_backend_calls_total",
+            {"backend": "pkcs11", "operation": "current_key", "outcome": "credentials_refused"})
+        assert value == 1
+        attempts = inner.login_attempts
+        rp.plugin.monitor.probe()
+        assert inner.login_attempts == attempts  # backed off
+    finally:
+        admin.close()
