@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
 from node_resource_manager.devices import BlockDevice, HostPaths, ResolveError, expand_pattern
 from node_resource_manager.devices import resolve as resolve_device
+from node_resource_manager.identity import IdentityUnknown, Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.safety import HostState, Reason, Refusal, SafetyChecker
 from node_resource_manager.topology import (
@@ -52,8 +53,9 @@ class DeviceRefusal:
 @dataclass(frozen=True)
 class CreateVolumeGroup:
     vg: str
-    devices: tuple[BlockDevice, ...]
+    devices: tuple[BlockDevice, ...]  # every one pinned (identity.Pins) by the planner
     new_pvs: tuple[BlockDevice, ...]  # devices that need pvcreate first
+    adopted_pvs: tuple[str, ...] = ()  # UUIDs of our own orphan PVs (journal) it takes in
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ExtendVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]
     new_pvs: tuple[BlockDevice, ...]
+    adopted_pvs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,13 @@ class Planner:
         self.paths = paths
 
     def plan(
-        self, specs: Sequence[VolumeGroupSpec], report: LvmReport, host: HostState
+        self, specs: Sequence[VolumeGroupSpec], report: LvmReport, host: HostState, pins: Pins
     ) -> Plan:
-        """Raises ConfigInvalid when one device is claimed by two volume groups."""
+        """Raises ConfigInvalid when one device is claimed by two volume groups.
+
+        Every device that may be written is pinned in ``pins`` (held open, its medium
+        identified) BEFORE it is checked; the caller keeps ``pins`` open until the plan has
+        been executed."""
         plan = Plan()
         resolved: dict[str, list[tuple[str, BlockDevice]]] = {}
         # 1. Explicit lists: resolve every path; a device in two VGs is a config error.
@@ -162,6 +169,7 @@ class Planner:
             else:
                 candidates = self._pattern_candidates(spec)
             eligible: list[BlockDevice] = []
+            adopted: list[str] = []
             wanted: set[int] = set()
             for dev in candidates:
                 wanted.add(dev.rdev)
@@ -169,15 +177,22 @@ class Planner:
                 if pv is not None and pv.vg_name == spec.name:
                     vgp.members.append(pv.name)
                     continue
-                claimed = pv is not None and not pv.vg_name and self.journal.claims(
-                    dev.rdev, spec.name
-                )
-                refusals = self.checker.check(
-                    dev, host, target_vg=spec.name, claimed_orphan=claimed
-                )
+                claimed = False
+                try:
+                    pinned = pins.pin(dev)
+                except IdentityUnknown as exc:
+                    refusals = [Refusal(Reason.IDENTITY_UNKNOWN, f"{exc}; not used while its "
+                                                                 "medium is unknown")]
+                else:
+                    dev = pinned.device
+                    claimed = pv is not None and not pv.vg_name and self.journal.claims(
+                        pv.uuid, pinned.identity, spec.name)
+                    refusals = self.checker.check(
+                        dev, host, target_vg=spec.name, claimed_orphan=claimed
+                    )
                 if refusals:
                     target = plan.skipped if spec.type is TopologyType.PATTERN else plan.refusals
-                    target.append(DeviceRefusal(spec.name, dev.listed, dev.path,
+                    target.append(DeviceRefusal(spec.name, dev.listed, dev.node,
                                                 tuple(refusals),
                                                 from_pattern=spec.type is TopologyType.PATTERN))
                     continue
@@ -188,11 +203,15 @@ class Planner:
                         continue
                     pattern_claims[dev.rdev] = spec.name
                 eligible.append(dev)
+                if claimed and pv is not None:
+                    adopted.append(pv.uuid)
             new_pvs = tuple(d for d in eligible if d.rdev not in host.pvs_by_rdev)
             if eligible and vg is None:
-                plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs))
+                plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs,
+                                                      tuple(adopted)))
             elif eligible:
-                plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs))
+                plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs,
+                                                      tuple(adopted)))
             if vg is not None:
                 for pv in report.pvs_of(spec.name):
                     rdev = _rdev_of(host, pv.name)
@@ -221,9 +240,9 @@ class Planner:
             for dev in dict.fromkeys(devs):
                 plan.refusals.append(
                     DeviceRefusal(
-                        vg, dev.listed, dev.path,
+                        vg, dev.listed, dev.node,
                         (Refusal(Reason.LISTED_TWICE,
-                                 f"{dev.path} is listed {len(devs)} times for volume group "
+                                 f"{dev.node} is listed {len(devs)} times for volume group "
                                  f"{vg!r} ({names}); list each device once"),),
                     )
                 )
@@ -302,7 +321,7 @@ def thin_pool_growth(
 def _conflict(dev: BlockDevice, first: str, second: str) -> str:
     a, b = sorted((first, second))
     return (
-        f"device {dev.path} ({dev.majmin}) is claimed by volume groups {a!r} and {b!r}; "
+        f"device {dev.node} ({dev.majmin}) is claimed by volume groups {a!r} and {b!r}; "
         "a device can belong to one volume group only"
     )
 
@@ -353,7 +372,7 @@ def describe(plan: Plan) -> str:
                              f"{act.spec.overprovision_ratio:g})")
             new = getattr(act, "new_pvs", ())
             if new:
-                lines.append(f"    pvcreate {' '.join(d.path for d in new)}")
+                lines.append(f"    pvcreate {' '.join(d.lvm_path for d in new)}")
     if plan.refusals:
         lines.append("Refused (left untouched):")
         for r in plan.refusals:

@@ -16,6 +16,7 @@ from node_resource_manager import events as ev
 from node_resource_manager.devices import HostPaths
 from node_resource_manager.events import Sink
 from node_resource_manager.executor import Execution, execute
+from node_resource_manager.identity import Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.metrics import Metrics
 from node_resource_manager.plan import (
@@ -113,6 +114,7 @@ class Reconciler:
         self.gate_value = gate_value
         self.sink = sink
         self.metrics = metrics
+        self.paths = paths
         self.planner = Planner(checker, journal, paths)
 
     def reconcile(
@@ -163,15 +165,20 @@ class Reconciler:
             return ReconcileResult(Outcome.LVM_ERROR, f"LVM report failed, state unknown: {exc}",
                                    started, dry_run=dry_run)
         host = self.checker.snapshot(report.pvs)
-        try:
-            plan = self.planner.plan(specs, report, host)
-        except ConfigInvalid as exc:
-            return ReconcileResult(Outcome.CONFIG_INVALID, str(exc), started, dry_run=dry_run,
-                                   report=report, problems=list(exc.problems))
-        result = ReconcileResult(Outcome.CONVERGED, "", started, dry_run=dry_run, plan=plan,
-                                 report=report, problems=list(plan.problems))
-        if plan.actions and not dry_run:
-            result.execution = execute(plan, self.lvm, self.journal)
+        # Devices are held open from their first check until the last LVM write is done.
+        with Pins(self.paths) as pins:
+            try:
+                plan = self.planner.plan(specs, report, host, pins)
+            except ConfigInvalid as exc:
+                return ReconcileResult(Outcome.CONFIG_INVALID, str(exc), started,
+                                       dry_run=dry_run, report=report,
+                                       problems=list(exc.problems))
+            result = ReconcileResult(Outcome.CONVERGED, "", started, dry_run=dry_run,
+                                     plan=plan, report=report, problems=list(plan.problems))
+            if plan.actions and not dry_run:
+                result.execution = execute(plan, self.lvm, self.journal, pins, self.paths)
+                plan.refusals.extend(result.execution.refused)
+        if result.execution is not None:
             try:
                 result.report = self.lvm.report()  # the status shows the state after changes
             except LvmError as exc:
@@ -319,5 +326,6 @@ def _action_text(
     if isinstance(action, CreateThinPool):
         return f"create thin pool {action.vg}/{action.spec.name}"
     verb = "create" if isinstance(action, CreateVolumeGroup) else "extend"
-    return f"{verb} volume group {action.vg} with {', '.join(d.path for d in action.devices)}"
+    return (f"{verb} volume group {action.vg} with "
+            f"{', '.join(d.lvm_path for d in action.devices)}")
 

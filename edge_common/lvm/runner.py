@@ -191,10 +191,19 @@ class Lvm:
 
     # ---------------------------------------------------------------- changes: PVs and VGs
 
-    def pvcreate(self, devices: Sequence[str], *, timeout: float | None = None) -> None:
+    def pvcreate(
+        self, devices: Sequence[str], *, uuid: str | None = None, timeout: float | None = None
+    ) -> None:
         """Never forced: a device with a foreign signature makes lvm ask, the answer is no,
-        and the command fails leaving the device untouched."""
-        self.command("pvcreate", "--", *_check_devices(devices), timeout=timeout)
+        and the command fails leaving the device untouched. ``uuid``: the new PV's UUID,
+        chosen by the caller (one device only), so that it can be recorded before it exists."""
+        devs = _check_devices(devices)
+        args: list[str] = []
+        if uuid is not None:
+            if len(devs) != 1 or not uuid or uuid.startswith("-"):
+                raise ValueError("a PV UUID applies to exactly one device")
+            args = ["--uuid", uuid, "--norestorefile"]
+        self.command("pvcreate", *args, "--", *devs, timeout=timeout)
 
     def vgcreate(
         self,

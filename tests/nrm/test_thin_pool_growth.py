@@ -9,6 +9,7 @@ import dataclasses
 from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
 from edge_common.lvm.attr import LvAttr
 from node_resource_manager.devices import HostPaths
+from node_resource_manager.identity import Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.plan import (
     ExtendThinPool,
@@ -52,7 +53,8 @@ def _spec(percent: int = 80, pool: str = "pool0", devices: tuple[str, ...] = ()
 def _plan(spec: VolumeGroupSpec, report: LvmReport, paths: HostPaths | None = None) -> Plan:
     checker = SafetyChecker()
     planner = Planner(checker, Journal(None), paths or HostPaths())
-    return planner.plan([spec], report, checker.snapshot(report.pvs))
+    with Pins(planner.paths) as pins:
+        return planner.plan([spec], report, checker.snapshot(report.pvs), pins)
 
 
 def test_pool_smaller_than_its_percent_of_a_grown_vg_is_planned_to_grow() -> None:
