@@ -87,25 +87,19 @@ class MediumIdentity:
     def same_medium_as(self, recorded: Mapping[str, Any]) -> bool:
         """Is this the medium a journal entry (``to_dict`` of an earlier identity) describes?
 
-        The size must match, and every recorded identifier that is still comparable must match;
-        at least one identifier must have been compared (a size alone identifies nothing). A
-        diskseq only compares within the same boot; WWN, serial and a loop backing file across
-        boots. The device number and name are NOT identifiers: they are reused."""
+        The size must match. Then the persistent identifiers recorded (WWN, serial, a loop
+        device's backing file) decide, all of them must match, across re-plugs and reboots;
+        without any, the diskseq decides, and only within the boot it was recorded in. The
+        device number and name never count: they are reused."""
         if recorded.get("sizeSectors") != self.size_sectors:
             return False
-        compared = 0
-        for key, value in (("wwn", self.wwn), ("serial", self.serial),
-                           ("backingFile", self.backing_file)):
-            want = recorded.get(key)
-            if want:
-                if want != value:
-                    return False
-                compared += 1
-        if recorded.get("bootId") == self.boot_id and recorded.get("diskseq") is not None:
-            if recorded.get("diskseq") != self.diskseq:
-                return False
-            compared += 1
-        return compared > 0
+        persistent = [(want, value) for want, value in (
+            (recorded.get("wwn"), self.wwn), (recorded.get("serial"), self.serial),
+            (recorded.get("backingFile"), self.backing_file)) if want]
+        if persistent:
+            return all(want == value for want, value in persistent)
+        return (recorded.get("bootId") == self.boot_id and self.diskseq is not None
+                and recorded.get("diskseq") == self.diskseq)
 
 
 def boot_id() -> str:

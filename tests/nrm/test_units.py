@@ -93,18 +93,18 @@ def test_journal_claims_only_the_same_medium() -> None:
 
     assert now().same_medium_as(rec)
     assert now(rdev=(7 << 8) | 1, kname="loop1").same_medium_as(rec)  # renumbered: same medium
+    assert now(diskseq=10).same_medium_as(rec)  # the same file attached again
     assert not now(backing_file="/img-b").same_medium_as(rec)  # same number, other medium
-    assert not now(diskseq=10).same_medium_as(rec)  # re-attached in this boot
     assert not now(size_sectors=4096).same_medium_as(rec)
-    # After a reboot the diskseq no longer compares; the backing file still does.
-    assert now(diskseq=3, boot_id="b2").same_medium_as(rec)
+    # Without a persistent identifier only the diskseq of the same boot identifies.
     bare = dict(rec, backingFile=None)
-    assert not now(diskseq=3, boot_id="b2", backing_file=None).same_medium_as(bare)
+    assert now(backing_file=None).same_medium_as(bare)
+    assert not now(backing_file=None, diskseq=10).same_medium_as(bare)
+    assert not now(diskseq=9, boot_id="b2", backing_file=None).same_medium_as(bare)
     disk = dict(bare, wwn="naa.5000c500a1b2c3d4")
     assert now(diskseq=3, boot_id="b2", backing_file=None,
                wwn="naa.5000c500a1b2c3d4").same_medium_as(disk)
-    assert not now(diskseq=3, boot_id="b2", backing_file=None,
-                   wwn="naa.5000c500ffffffff").same_medium_as(disk)
+    assert not now(backing_file=None, wwn="naa.5000c500ffffffff").same_medium_as(disk)
 
 
 def test_offline_daemon_applies_a_topology_file_change(nrm: NrmRig) -> None:
