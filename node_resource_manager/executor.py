@@ -29,7 +29,10 @@ from node_resource_manager.plan import (
     ExtendThinPool,
     ExtendVolumeGroup,
     Plan,
+    RetagThinPool,
+    overprovision_tag,
     pool_metadata_size,
+    pool_retag,
     thin_pool_growth,
 )
 from node_resource_manager.safety import Reason, Refusal
@@ -39,8 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Tag on every VG this agent creates (lets operators find them: ``vgs @node-resource-manager``).
 VG_TAG = "node-resource-manager"
-#: The CSI driver reads a thin pool's overprovision ratio from this tag.
-OVERPROVISION_TAG = "csi-lvm.edge.io/overprovision="
 
 MIB = 1 << 20
 
@@ -144,7 +145,26 @@ def _run(action: Action, lvm: Lvm, journal: Journal, verifier: _Verifier) -> str
         return _build_volume_group(action, lvm, journal, verifier)
     if isinstance(action, ExtendThinPool):
         return _extend_thin_pool(action, lvm)
+    if isinstance(action, RetagThinPool):
+        return _retag_thin_pool(action, lvm)
     return _create_thin_pool(action, lvm)
+
+
+def _retag_thin_pool(action: RetagThinPool, lvm: Lvm) -> str | None:
+    """From a fresh look at the pool's tags; None when it already carries the config's."""
+    name = action.spec.name
+    pool = lvm.get_lv(action.vg, name)
+    if pool is None or not pool.is_thin_pool:
+        raise LvmError((), None, "", message=f"thin pool {action.vg}/{name} changed before its "
+                                             "settings could be applied; state unknown")
+    retag = pool_retag(pool, action.spec)
+    if retag is None:
+        return None
+    tag, stale = retag
+    lvm.retag(action.vg, name, add=(tag,), delete=stale)
+    was = ", ".join(t.rpartition("=")[2] for t in stale) or "none"
+    return (f"thin pool {action.vg}/{name}: overprovision ratio set to "
+            f"{action.spec.overprovision_ratio:g} (was {was})")
 
 
 def _build_volume_group(action: CreateVolumeGroup | ExtendVolumeGroup, lvm: Lvm,
@@ -209,8 +229,8 @@ def _create_thin_pool(action: CreateThinPool, lvm: Lvm) -> str:
         raise LvmError((), None, "", message=f"volume group {action.vg} has too little free "
                                              f"space for thin pool {action.spec.name}")
     data, meta = sizes
-    tag = f"{OVERPROVISION_TAG}{action.spec.overprovision_ratio:g}"
-    lvm.create_thin_pool(action.vg, action.spec.name, data, metadata_size=meta, tags=(tag,))
+    lvm.create_thin_pool(action.vg, action.spec.name, data, metadata_size=meta,
+                         tags=(overprovision_tag(action.spec),))
     return (f"created thin pool {action.vg}/{action.spec.name} of {data // MIB} MiB "
             f"(overprovision ratio {action.spec.overprovision_ratio:g})")
 

@@ -86,7 +86,22 @@ class ExtendThinPool:
     to_size: int | None
 
 
-Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool
+@dataclass(frozen=True)
+class RetagThinPool:
+    """Converge an existing thin pool's settings carried as LVM tags (the overprovision ratio
+    the CSI driver reads) to the config: ``stale`` tags are deleted and ``tag`` added in one
+    lvchange."""
+
+    vg: str
+    spec: ThinPoolSpec
+    tag: str
+    stale: tuple[str, ...]
+
+
+Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool | RetagThinPool
+
+#: The CSI driver reads a thin pool's overprovision ratio from this tag (csi_lvm.volume).
+OVERPROVISION_TAG = "csi-lvm.edge.io/overprovision="
 
 MIB = 1 << 20
 
@@ -283,6 +298,28 @@ class Planner:
                 )
             elif grows_vg:
                 plan.actions.append(ExtendThinPool(spec.name, pool, existing.size, None))
+            retag = pool_retag(existing, pool)
+            if retag is not None:
+                plan.actions.append(RetagThinPool(spec.name, pool, *retag))
+
+
+def overprovision_tag(spec: ThinPoolSpec) -> str:
+    return f"{OVERPROVISION_TAG}{spec.overprovision_ratio:g}"
+
+
+def pool_retag(pool: LogicalVolume, spec: ThinPoolSpec) -> tuple[str, tuple[str, ...]] | None:
+    """(tag to add, stale tags to delete) when the pool does not carry exactly the tag the
+    config asks for; None when it does."""
+    want = overprovision_tag(spec)
+    carried = tuple(t for t in pool.tags if t.startswith(OVERPROVISION_TAG))
+    if carried == (want,):
+        return None
+    return want, tuple(t for t in carried if t != want)
+
+
+def overprovision_tags(pool: LogicalVolume) -> list[str]:
+    """The ratio values the pool's tags carry (what the CSI driver sees), as written."""
+    return [t[len(OVERPROVISION_TAG):] for t in pool.tags if t.startswith(OVERPROVISION_TAG)]
 
 
 def pool_metadata_size(data_bytes: int, extent: int) -> int:
@@ -343,6 +380,12 @@ def extend_pool_text(act: ExtendThinPool) -> str:
             f"to {target}")
 
 
+def retag_pool_text(act: RetagThinPool) -> str:
+    was = ", ".join(t[len(OVERPROVISION_TAG):] for t in act.stale) or "none"
+    return (f"set thin pool {act.vg}/{act.spec.name} overprovision ratio to "
+            f"{act.spec.overprovision_ratio:g} (was {was}; tag {act.tag})")
+
+
 def describe(plan: Plan) -> str:
     """The plan for people (``--dry-run``)."""
     lines: list[str] = []
@@ -366,6 +409,8 @@ def describe(plan: Plan) -> str:
                              f"{', '.join(d.describe() for d in act.devices)}")
             elif isinstance(act, ExtendThinPool):
                 lines.append(f"volume group {spec.name}: {extend_pool_text(act)}")
+            elif isinstance(act, RetagThinPool):
+                lines.append(f"volume group {spec.name}: {retag_pool_text(act)}")
             else:
                 lines.append(f"volume group {spec.name}: CREATE THIN POOL {act.spec.name} "
                              f"({act.spec.size_percent}% of the VG, overprovision ratio "

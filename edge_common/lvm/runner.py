@@ -374,6 +374,26 @@ class Lvm:
     ) -> None:
         self._tags("--deltag", vg, name, tags, timeout)
 
+    def retag(
+        self,
+        vg: str,
+        name: str,
+        *,
+        add: Sequence[str] = (),
+        delete: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> None:
+        """Delete and add LV tags in ONE lvchange (a reader never sees neither or both)."""
+        args: list[str] = []
+        for tag in _check_tags(delete):
+            args += ["--deltag", tag]
+        for tag in _check_tags(add):
+            args += ["--addtag", tag]
+        if not args:
+            return
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        self.command("lvchange", *args, "--", target, timeout=timeout)
+
     def _tags(
         self, flag: str, vg: str, name: str, tags: Sequence[str], timeout: float | None
     ) -> None:
