@@ -1,6 +1,6 @@
-"""``kms-plugin``: serve | keygen | rotate | selftest | inspect | fake-kms.
+"""``kms-plugin``: serve | keygen | rotate | selftest | inspect.
 
-Every sub-command except fake-kms takes the plugin options (``--config FILE``, flags,
+Every sub-command takes the plugin options (``--config FILE``, flags,
 ``KMS_PLUGIN_*`` environment), so ``selftest`` and ``inspect --decrypt`` use exactly the
 backend the running plugin uses.
 """
@@ -191,25 +191,6 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-# --- fake-kms ---------------------------------------------------------------------------
-
-
-def fake_kms_main(argv: Sequence[str]) -> int:
-    # imported only here: serve never pays for the fake's modules (memory, start time)
-    from kms_plugin.fake_kms.cli import build_parser as fake_parser
-    from kms_plugin.fake_kms.cli import run
-
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} fake-kms",
-        description="Run a fake AWS KMS (JSON API subset) in the foreground.",
-    )
-    return int(run(fake_parser(parser).parse_args(list(argv))) or 0)
-
-
-def cmd_fake_kms(ns: argparse.Namespace) -> int:
-    return fake_kms_main(ns.fake_args)
-
-
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -284,17 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, PluginConfig)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("fake-kms", help="run the bundled fake AWS KMS (tests, demos); "
-                       "`kms-plugin fake-kms --help` lists its options", add_help=False)
-    p.add_argument("fake_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_fake_kms)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["fake-kms"]:
-        return fake_kms_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(args)
     try:

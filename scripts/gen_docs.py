@@ -127,7 +127,7 @@ def render_configuration() -> str:
         "",
         "## kms-plugin",
         "",
-        "`kms-plugin COMMAND [options]`. Every command except `fake-kms` takes all the plugin "
+        "`kms-plugin COMMAND [options]`. Every command takes all the plugin "
         "options listed under *Plugin options* (so `selftest`, `rotate` and `inspect --decrypt` "
         "use exactly the backend the running plugin uses).",
         "",
