@@ -17,6 +17,7 @@ from node_resource_manager.config import DEFAULT_STATUS_ANNOTATION
 from node_resource_manager.kube import KubeSink
 from tests.deploy.commands import our_config
 from tests.deploy.manifests import Obj, container, one, pod_spec
+from tests.rigs.fake_kube import merge_patch
 
 POLICY = "csi-lvm-node-own-node-status"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
@@ -61,19 +62,6 @@ def admit(policy: Obj, request: dict[str, Any]) -> tuple[bool, str]:
         assert spec["failurePolicy"] == "Fail"
         return False, f"evaluation error: {exc}"
     return True, "admitted"
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (what the agent sends)."""
-    if not isinstance(patch, dict):
-        return patch
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def node(name: str = "edge-node-1", **meta: Any) -> dict[str, Any]:
