@@ -259,6 +259,10 @@ class Reconciler:
                         "overprovisionRatio": _ratio(ratios)}
                     if pool is not None and len(ratios) != 1:
                         entry["thinPool"]["overprovisionTags"] = ratios
+                    if pool is not None:  # what the config asks, to show any drift
+                        entry["thinPool"]["configured"] = {
+                            "sizePercent": vgp.spec.thin_pool.size_percent,
+                            "overprovisionRatio": vgp.spec.thin_pool.overprovision_ratio}
                     grown = [d.detail for d in (result.execution.done if result.execution
                                                 else ())
                              if isinstance(d.action, ExtendThinPool) and d.action.vg == name]

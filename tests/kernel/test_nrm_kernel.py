@@ -138,6 +138,8 @@ def test_overprovision_ratio_change_converges_on_an_existing_pool(
             f"thin pool {vg}/pool0: overprovision ratio set to 2.5 (was 4, 9)"]
         (status_vg,) = done.status["volumeGroups"]
         assert status_vg["thinPool"]["overprovisionRatio"] == 2.5
+        assert status_vg["thinPool"]["configured"] == {"sizePercent": 50,
+                                                       "overprovisionRatio": 2.5}
         assert "overprovisionTags" not in status_vg["thinPool"]
         again = reconcile(lvm, tmp_path, text)
         assert again.plan is not None and again.plan.actions == []

@@ -273,3 +273,42 @@ def test_identity_unknown_without_sysfs_refuses_the_device(nrm: NrmRig) -> None:
     assert result.plan is not None
     assert [r.reasons for r in result.plan.refusals] == [(Reason.IDENTITY_UNKNOWN,)]
     assert nrm.pv_vg(disk.device) is None
+
+
+def test_lvm_is_handed_the_by_diskseq_link_when_the_host_has_it(nrm: NrmRig) -> None:
+    """With udev's /dev/disk/by-diskseq/N link (made here by hand in the host's /dev; removed
+    afterwards), pvcreate and vgcreate get that name, which can never lead to another
+    medium; LVM reports the PV under its kernel name."""
+    (disk,) = nrm.disks(1)
+    name = disk.device.removeprefix("/dev/")
+    seq_file = Path(f"/sys/class/block/{name}/diskseq")
+    if not seq_file.exists():
+        pytest.skip("kernel without diskseq (< 5.15)")
+    seq = int(seq_file.read_text())
+    by_seq = Path("/dev/disk/by-diskseq")
+    made = [d for d in (by_seq.parent, by_seq) if not d.exists()]
+    link = by_seq / str(seq)
+    for d in made:
+        d.mkdir()
+    try:
+        link.symlink_to(f"../../{name}")
+        log = nrm.tmp / "argv.log"
+        wrapper = _script(nrm.tmp / "recording-lvm", f'echo "$@" >> "{log}"\nexec lvm "$@"\n')
+        nrm.lvm = Lvm(Lvm.settings_for_this_kernel(command=(wrapper,)))
+        vg = nrm.vg_name()
+        reconciler = Reconciler(
+            node_name="node-a", lvm=nrm.lvm, checker=SafetyChecker(nrm.safety_settings()),
+            journal=Journal(nrm.state_dir), paths=HostPaths(), gate_key=GATE,
+            gate_value="true", sink=LogSink(), metrics=Metrics())
+        result = reconciler.reconcile(config_from_text(
+            topology_text(entry(vg, [disk.device])), "test", "1"), ADMITTED)
+        assert result.outcome is Outcome.CONVERGED, result.message
+        writes = [line.split() for line in log.read_text().splitlines()
+                  if line.split()[0] in ("pvcreate", "vgcreate")]
+        assert [(w[0], w[-1]) for w in writes] == [("pvcreate", str(link)),
+                                                   ("vgcreate", str(link))]
+        assert result.status["volumeGroups"][0]["pvs"] == [disk.device]
+    finally:
+        link.unlink(missing_ok=True)
+        for d in reversed(made):
+            d.rmdir()
