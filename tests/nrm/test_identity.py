@@ -312,3 +312,24 @@ def test_lvm_is_handed_the_by_diskseq_link_when_the_host_has_it(nrm: NrmRig) -> 
         link.unlink(missing_ok=True)
         for d in reversed(made):
             d.rmdir()
+
+
+def test_wwn_and_serial_from_udevs_database_are_part_of_the_identity(nrm: NrmRig) -> None:
+    """Where sysfs has no WWN or serial (loop devices here), udev's recorded ID_WWN and
+    ID_SERIAL identify the medium; a different answer at write time is another medium."""
+    (disk,) = nrm.disks(1)
+    udev = nrm.tmp / "udev-data"
+    udev.mkdir()
+    entry_file = udev / f"b{os.major(disk.devno)}:{os.minor(disk.devno)}"
+    entry_file.write_text("S:disk/by-id/wwn-0x5000c500a1b2c3d4\nE:ID_WWN=0x5000c500a1b2c3d4\n"
+                          "E:ID_SERIAL=ST4000NM_Z1Z2Z3\nE:ID_TYPE=disk\n")
+    paths = HostPaths(dev_disk=nrm.dev_disk, udev_data=udev)
+    with Pins(paths) as pins:
+        pinned = pins.pin(resolve(disk.device, paths))
+        assert (pinned.identity.wwn, pinned.identity.serial) == ("0x5000c500a1b2c3d4",
+                                                                 "ST4000NM_Z1Z2Z3")
+        assert pinned.verify(paths) == []
+        entry_file.write_text("E:ID_WWN=0x5000c500ffffffff\nE:ID_SERIAL=ST4000NM_OTHER\n")
+        assert pinned.verify(paths) == [
+            "wwn 0x5000c500a1b2c3d4 -> 0x5000c500ffffffff",
+            "serial ST4000NM_Z1Z2Z3 -> ST4000NM_OTHER"]
