@@ -66,6 +66,7 @@ from csi_lvm.volume import (
     volume_lv_name,
 )
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -84,6 +85,7 @@ from edge_common.lvm import (
     LvmCommandNotFound,
     LvmError,
     LvmReport,
+    LvmStillRunning,
     LvmTimeout,
 )
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
@@ -107,6 +109,8 @@ _HEALTH = {
 
 def lvm_failure(exc: LvmError, doing: str) -> ServiceError:
     """One place that turns an LVM failure into a CSI status."""
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"{doing}: {exc.message}; the volume stays locked until it ends, retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"{doing}: {exc.message}; the outcome is unknown, retry")
     if isinstance(exc, LvmCommandNotFound):

@@ -62,6 +62,7 @@ from csi_lvm.mounter import (
 from csi_lvm.stats import block_device_read_only, block_device_size, filesystem_usage
 from csi_lvm.volume import InvalidId, VolumeContext, parse_id, resolve_volume, split_mount_options
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -74,7 +75,7 @@ from edge_common.errors import (
     Unimplemented,
 )
 from edge_common.log import log_context
-from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmTimeout
+from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmStillRunning, LvmTimeout
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,8 @@ def _check_range(required: int, limit: int) -> None:
 
 
 def _lvm_error(exc: LvmError) -> ServiceError:
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"LVM is still working on it in the background: {exc}; retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"LVM did not answer in time: {exc}")
     return Internal(f"LVM failed: {exc}")
