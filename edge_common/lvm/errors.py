@@ -22,6 +22,7 @@ _NO_SPACE = re.compile(
     r"insufficient free space|insufficient suitable allocatable extents", re.IGNORECASE
 )
 _ALREADY_EXISTS = re.compile(r"already exists", re.IGNORECASE)
+_IN_USE = re.compile(r"\bin use\b|\bis open\b", re.IGNORECASE)
 
 
 class LvmError(Exception):
@@ -53,6 +54,10 @@ class LvmError(Exception):
 
     def is_already_exists(self) -> bool:
         return self.exit_code == ECMD_FAILED and bool(_ALREADY_EXISTS.search(self.stderr))
+
+    def is_in_use(self) -> bool:
+        """LVM refused because the LV is open or mounted ("Logical volume x in use")."""
+        return self.exit_code == ECMD_FAILED and bool(_IN_USE.search(self.stderr))
 
 
 class LvmTimeout(LvmError):
