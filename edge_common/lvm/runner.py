@@ -429,6 +429,13 @@ class Lvm:
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
         self.command("lvchange", *args, "--", target, timeout=timeout)
 
+    def refresh(self, vg: str, name: str, *, timeout: float | None = None) -> None:
+        """Reload the LV's kernel table from the committed metadata and resume it
+        (``lvchange --refresh``): repairs an LV left suspended or half-changed by a command
+        that died midway."""
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        self.command("lvchange", "--refresh", "--", target, timeout=timeout)
+
     def deactivate(self, vg: str, name: str, *, timeout: float | None = None) -> None:
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
         self.command("lvchange", "--activate", "n", "--", target, timeout=timeout)
