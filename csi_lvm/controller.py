@@ -3,17 +3,22 @@
 Every RPC checks its arguments first (INVALID_ARGUMENT before any lookup), then takes its
 in-flight keys (a concurrent call for the same name or volume gets ABORTED), then works.
 
-Crash safety (SIGKILL at any point, then restart and retry, converges):
-- A plain CreateVolume is ONE lvcreate carrying every tag (ownership, name, context): LVM commits
-  it atomically, so after a crash the LV either does not exist (the retry creates it) or is
-  complete (the retry finds it by its derived name and returns it).
+Crash and fault safety (SIGKILL at any point, or a fault inside one LVM command, then restart
+and retry, converges; see csi_lvm/finish.py, facts.py, inuse.py, recovery.py):
+- Every LV is born `unfinished` (tag set by its own lvcreate): LVM commits the metadata before
+  it wipes the LV, so a killed lvcreate can leave a tagged LV holding an earlier tenant's
+  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before anyone
+  reads it: the first publish, a snapshot or clone of it, or a CreateVolume retry. A plain
+  CreateVolume stays ONE lvcreate; its first use pays the finishing lvchange.
 - A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
-  volume) creates it with the `pending` tag and removes the tag as its last step. A pending LV
-  was never handed out: the retry (or the start-up sweep) removes it and starts over.
+  volume) creates it `pending` too and removes both tags in one lvchange as its last step.
+  A pending LV was never handed out: the retry (or the start-up sweep) removes and redoes it.
   Temporary snapshots used while cloning are kind=temporary and removed the same way.
-- DeleteVolume/DeleteSnapshot (lvremove) and ControllerExpandVolume (lvextend to an absolute
-  size) are single idempotent LVM commands; a wipe before lvremove is simply redone.
-- CreateSnapshot is one lvcreate --snapshot with every tag.
+- A snapshot is served only when LVM's facts (snapshot / thin volume, origin = the source)
+  agree with its tags; a thick lvcreate killed between its two commits is removed and redone.
+- DeleteVolume refuses a volume in use (FAILED_PRECONDITION: open, mounted, bound, held).
+- A state-changing LVM command is never killed on timeout (ABORTED, volume kept locked until
+  it ends); the start-up sweep refreshes LVs left suspended or half-resized.
 The driver never lists, changes or removes an LV without its ownership tag.
 """
 
