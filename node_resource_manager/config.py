@@ -68,7 +68,8 @@ class NrmConfig:
     udev: bool = option(True, help="react to block device add/change/remove uevents "
                         "(degrades to the periodic resync when unavailable)")
     lvm_command: list[str] = option(["lvm"], help="command prefix for every LVM call, e.g. "
-                                    "nsenter,--mount=/proc/1/ns/mnt,--,lvm (comma-separated)",
+                                    "nsenter,--mount=/proc/1/ns/mnt,--ipc=/proc/1/ns/ipc,--,lvm "
+                                    "(comma-separated)",
                                     metavar="ARGV")
     lvm_extra_args: list[str] = option([], help="arguments added to every LVM sub-command "
                                        "(comma-separated)", metavar="ARGS")

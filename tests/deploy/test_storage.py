@@ -271,8 +271,9 @@ def test_both_lvm_users_run_the_same_lvm_and_nsenter_has_the_host_pid_namespace(
     base: tuple[Obj, ...],
 ) -> None:
     ds = node_ds(base)
-    commands = {our_config(container(ds, n)).lvm_command == ["nsenter", "--mount=/proc/1/ns/mnt",
-                                                              "--", "lvm"]
+    # --ipc: libdevmapper's udev cookie semaphore must live where the host's udevd sees it.
+    host_lvm = ["nsenter", "--mount=/proc/1/ns/mnt", "--ipc=/proc/1/ns/ipc", "--", "lvm"]
+    commands = {our_config(container(ds, n)).lvm_command == host_lvm
                 for n in ("csi-lvm", "node-resource-manager")}
     assert commands == {True}
     assert pod_spec(ds)["hostPID"] is True
