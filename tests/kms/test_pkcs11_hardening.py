@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from the sibling test module)
 """pkcs11 hardening (issue 14 points 1, 2, 7): genuine root keys only, key_ids that name
 one key, the module lock bounded by the caller's deadline, a refused PIN not hammered."""
 
@@ -6,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -22,29 +22,9 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from kms_plugin.backends.base import RootKeyVersion
 from kms_plugin.backends.errors import BackendUnavailable, CredentialsRefused
 from kms_plugin.backends.pkcs11 import Pkcs11Backend, module_lock
+from tests.kms.test_pkcs11_backend import backend, options  # noqa: F401 - shared fixtures
 
 CTX = {"purpose": "test"}
-
-
-@pytest.fixture
-def options(softhsm: Any, tmp_path: Path) -> dict[str, object]:
-    pin = tmp_path / "pin"
-    pin.write_text(softhsm.user_pin + "\n")
-    pin.chmod(0o600)
-    return {
-        "module": softhsm.module,
-        "token_label": softhsm.token_label,
-        "key_label": f"hard-{secrets.token_hex(4)}",
-        "pin_file": str(pin),
-    }
-
-
-@pytest.fixture
-def backend(options: dict[str, object]):
-    b = Pkcs11Backend.from_options(options)
-    b.create_key_version(first=True)
-    yield b
-    b.close()
 
 
 @contextlib.contextmanager
