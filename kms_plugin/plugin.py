@@ -112,6 +112,7 @@ class Plugin:
             socket_mode=0o660 if config.socket_group else 0o600,
             socket_group=config.socket_group,
             max_workers=config.max_workers + STATUS_RESERVE,
+            map_errors=False,  # kms_plugin.rpc ends failed calls itself, at less cost
         )
         http = None
         plugin_ref: list[Plugin] = []

@@ -142,3 +142,24 @@ def test_pure_garbage_on_every_method_never_crashes_a_handler(
         requests = rp.plugin.metrics.registry.get_sample_value
         assert not requests("kms_plugin_requests_total",
                             {"api": api, "method": "Decrypt", "code": "INTERNAL"})
+
+
+def test_a_bug_in_a_handler_is_internal_naming_only_the_exception_type(
+    local_backend_rig: BackendRig, start_plugin: StartPlugin, caplog: pytest.LogCaptureFixture
+):
+    rp = start_plugin(local_backend_rig)
+
+    def broken(plaintext: bytes) -> object:
+        raise RuntimeError("details that must not reach the caller")
+
+    rp.plugin.keys.encrypt_seed = broken  # type: ignore[method-assign]
+    with unix_channel(rp.endpoint) as ch:
+        stub = service_pb2_grpc.KeyManagementServiceStub(ch)
+        code, details = _call(lambda: stub.Encrypt(
+            service_pb2.EncryptRequest(plaintext=b"s" * 32, uid="bug"), timeout=5))
+        assert code == grpc.StatusCode.INTERNAL
+        assert details == "internal error: RuntimeError"
+        assert stub.Status(service_pb2.StatusRequest(), timeout=5).healthz == "ok"
+    assert "rpc crashed" in caplog.text
+    assert rp.plugin.metrics.registry.get_sample_value(
+        "kms_plugin_requests_total", {"api": "v2", "method": "Encrypt", "code": "INTERNAL"}) == 1
