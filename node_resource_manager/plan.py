@@ -55,7 +55,7 @@ class CreateVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]  # every one pinned (identity.Pins) by the planner
     new_pvs: tuple[BlockDevice, ...]  # devices that need pvcreate first
-    adopted_pvs: tuple[str, ...] = ()  # UUIDs of our own orphan PVs (journal) it takes in
+    adopted_pvs: tuple[tuple[int, str], ...] = ()  # (rdev, UUID) of our own orphan PVs (journal)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ExtendVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]
     new_pvs: tuple[BlockDevice, ...]
-    adopted_pvs: tuple[str, ...] = ()
+    adopted_pvs: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class Planner:
             else:
                 candidates = self._pattern_candidates(spec)
             eligible: list[BlockDevice] = []
-            adopted: list[str] = []
+            adopted: list[tuple[int, str]] = []
             wanted: set[int] = set()
             for dev in candidates:
                 wanted.add(dev.rdev)
@@ -219,7 +219,7 @@ class Planner:
                     pattern_claims[dev.rdev] = spec.name
                 eligible.append(dev)
                 if claimed and pv is not None:
-                    adopted.append(pv.uuid)
+                    adopted.append((dev.rdev, pv.uuid))
             new_pvs = tuple(d for d in eligible if d.rdev not in host.pvs_by_rdev)
             if eligible and vg is None:
                 plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs,
