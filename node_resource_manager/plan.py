@@ -236,6 +236,9 @@ class Planner:
                 self._plan_thin_pool(spec, spec.thin_pool, report, plan)
         if conflicts:
             raise ConfigInvalid(sorted(set(conflicts)))
+        pins.keep_only({d.rdev for a in plan.actions
+                        if isinstance(a, CreateVolumeGroup | ExtendVolumeGroup)
+                        for d in a.devices})
         return plan
 
     def _dedupe_listed(

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 
 from edge_common.commands import run
-from edge_common.loopdisk import backing_file_of
+from edge_common.loopdisk import backing_file_of, write_signature
 from edge_common.lvm import Lvm
 from node_resource_manager.devices import HostPaths, resolve
 from node_resource_manager.events import LogSink
 from node_resource_manager.identity import IdentityUnknown, Pins, read_identity
 from node_resource_manager.journal import Journal
 from node_resource_manager.metrics import Metrics
+from node_resource_manager.plan import Planner
 from node_resource_manager.reconcile import Outcome, Reconciler
 from node_resource_manager.safety import Reason, SafetyChecker
 from node_resource_manager.sources import config_from_text
+from node_resource_manager.topology import parse_topology
 from tests.nrm.conftest import ADMITTED, GATE, NrmRig, entry, topology_text
 
 MiB = 1 << 20
@@ -365,3 +367,21 @@ exit $rc
     again = nrm.reconcile(topology_text(entry(vg, [changing.device, steady.device])))
     assert again.plan is not None
     assert [r.reasons for r in again.plan.refusals] == [(Reason.UNCLAIMED_PV,)]
+
+
+def test_only_the_devices_to_be_written_stay_held_after_planning(nrm: NrmRig) -> None:
+    good, bad = nrm.disks(2)
+    write_signature(bad.device, "ext4")
+    vg = nrm.vg_name()
+    paths = nrm.paths()
+    checker = SafetyChecker(nrm.safety_settings())
+    planner = Planner(checker, Journal(None), paths)
+    report = nrm.lvm.report()
+    specs = parse_topology(topology_text(entry(vg, [good.device, bad.device]))).for_node(
+        ADMITTED)
+    with Pins(paths) as pins:
+        plan = planner.plan(specs, report, checker.snapshot(report.pvs), pins)
+        assert [r.listed for r in plan.refusals] == [bad.device]
+        assert [p.device.node for p in pins] == [good.device]
+        held = [os.readlink(f"/proc/self/fd/{p.fd}") for p in pins]
+        assert held == [good.device]
