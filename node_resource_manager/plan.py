@@ -179,10 +179,17 @@ class Planner:
             vg = report.vg(spec.name)
             vgp = VolumeGroupPlan(spec=spec, exists=vg is not None)
             plan.volume_groups.append(vgp)
+            enumerated = True  # False: the devices could not be listed
             if spec.type is TopologyType.DEVICE:
                 candidates = self._dedupe_listed(spec.name, resolved[spec.name], plan)
             else:
-                candidates = self._pattern_candidates(spec)
+                try:
+                    candidates = self._pattern_candidates(spec)
+                except OSError as exc:
+                    candidates, enumerated = [], False
+                    plan.problems.append(f"volume group {spec.name!r}: its patterns cannot be "
+                                         f"matched, the block devices cannot be listed ({exc}); "
+                                         "no new device is used")
             eligible: list[BlockDevice] = []
             adopted: list[tuple[int, str]] = []
             wanted: set[int] = set()
@@ -227,7 +234,7 @@ class Planner:
             elif eligible:
                 plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs,
                                                       tuple(adopted)))
-            if vg is not None:
+            if vg is not None and enumerated:  # not enumerated: unknown, not removed
                 for pv in report.pvs_of(spec.name):
                     rdev = _rdev_of(host, pv.name)
                     if rdev is None or rdev not in wanted:
