@@ -11,7 +11,8 @@ ARG BASE_IMAGE=debian:bookworm-slim
 # --- build: a virtualenv with the project and its dependencies (binary wheels: no compiler).
 # The build hook (setup.py) generates the gRPC stubs from proto/.
 FROM ${BASE_IMAGE} AS build
-ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ONLY_BINARY=:all:
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ONLY_BINARY=:all: \
+    PIP_CACHE_DIR=/root/.cache/pip
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

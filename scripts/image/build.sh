@@ -11,7 +11,9 @@
 # Python dependencies are pinned to the versions installed in .venv (the ones the tests ran
 # against) when it exists; pip trusts this host's CA bundle.
 #
-# Caches: the base (weekly), buildah's layers (--layers) and pip's download cache.
+# Caches: the base image (rebuilt weekly), and pip's and apt's downloads (buildah cache mounts).
+# No layer cache: with the vfs storage driver every layer is a full copy of the file system, so
+# the build keeps only the base and the image; the image it replaces is removed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -53,10 +55,16 @@ ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [ -s "$ca" ] && cp "$ca" "$work/edge-build/ca.crt"
 build_args+=(--volume "$work/edge-build:/run/edge-build:ro")
 
+previous=$("${buildah[@]}" inspect --type image --format '{{.FromImageID}}' "$IMAGE" 2>/dev/null || true)
 echo "image: building $IMAGE from $base" >&2
-"${buildah[@]}" bud --isolation "$ISOLATION" --layers --format oci \
+"${buildah[@]}" bud --isolation "$ISOLATION" --layers=false --format oci \
   --build-arg "BASE_IMAGE=$base" "${build_args[@]}" \
   --tag "$IMAGE" --file Dockerfile .
+
+current=$("${buildah[@]}" inspect --type image --format '{{.FromImageID}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  "${buildah[@]}" rmi "$previous" >/dev/null 2>&1 || true  # still used by a container: kept
+fi
 
 mkdir -p "$OUT"
 oci="$OUT/edge-node-services-$VERSION.oci.tar"

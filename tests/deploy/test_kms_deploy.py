@@ -53,6 +53,28 @@ def test_probes_are_healthz_and_readyz_on_the_plugins_http_endpoint(
             assert get.get("host") == "127.0.0.1", probe
 
 
+def test_http_endpoint_binds_loopback_by_default(kms: tuple[Obj, ...]) -> None:
+    _, _, cfg = plugin_pod(kms)
+    assert cfg.metrics_address == "127.0.0.1"
+
+
+BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity_bytes(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", text)
+    assert match, f"unexpected memory quantity {text!r}"
+    return int(match.group(1)) * BINARY_UNITS[match.group(2)]
+
+
+def test_static_pod_requests_the_memory_the_plugin_uses(kms: tuple[Obj, ...]) -> None:
+    # resident memory is ~58 MiB idle and after a decrypt storm (docs/benchmarks.md)
+    _, c, _ = plugin_pod(kms)
+    request = quantity_bytes(c["resources"]["requests"]["memory"])
+    assert request >= 64 * 2**20
+    assert quantity_bytes(c["resources"]["limits"]["memory"]) >= request
+
+
 def test_socket_and_keyring_live_on_host_paths(kms: tuple[Obj, ...]) -> None:
     pod, c, cfg = plugin_pod(kms)
     socket = resolve(pod, c, unix_path(cfg.endpoint))
