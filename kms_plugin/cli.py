@@ -56,15 +56,17 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from kms_plugin.hardening import harden_process
     from kms_plugin.plugin import Plugin
 
+    harden_process()  # before any key is in memory
     config = _config(ns)
     _setup_logging(config)
     notifier = None
     if config.kube_events:
         from kms_plugin.events import KubeEventNotifier
 
-        notifier = KubeEventNotifier.from_environment()
+        notifier = KubeEventNotifier.from_environment()  # None (and a warning) when it can't
     plugin = Plugin.create(config, notifier=notifier)
     plugin.run_until_signal()
     return EXIT_OK
@@ -103,8 +105,11 @@ def cmd_rotate(ns: argparse.Namespace) -> int:
         from kms_plugin.backends import local
 
         ring = local.rotate(Path(config.local_keyring), reinstate=ns.reinstate, stage=ns.stage,
-                            promote=ns.promote)
-        if ns.stage:
+                            promote=ns.promote, unstage=ns.unstage)
+        if ns.unstage:
+            print(f"keyring {config.local_keyring}: dropped the staged key {ns.unstage}; "
+                  f"primary {ring.primary.version}")
+        elif ns.stage:
             staged = max(k.generation for k in ring.keys if k.state == "staged")
             print(f"keyring {config.local_keyring}: staged g{staged}; copy the file to every "
                   f"control-plane node, then run `kms-plugin rotate --promote g{staged}`")
@@ -116,9 +121,9 @@ def cmd_rotate(ns: argparse.Namespace) -> int:
     if config.backend == "pkcs11":
         from kms_plugin.backends.pkcs11 import Pkcs11Backend
 
-        if ns.reinstate or ns.stage or ns.promote:
-            print(f"{PROG}: --reinstate, --stage and --promote are only supported by the local "
-                  "backend", file=sys.stderr)
+        if ns.reinstate or ns.stage or ns.promote or ns.unstage:
+            print(f"{PROG}: --reinstate, --stage, --promote and --unstage are only supported by "
+                  "the local backend", file=sys.stderr)
             return EXIT_USAGE
         backend = Pkcs11Backend.from_options(config.backend_option_map())
         try:
@@ -230,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "encrypt) so it can reach every control-plane node first")
     group.add_argument("--promote", metavar="VERSION",
                        help="local backend: make the staged key VERSION the primary")
+    group.add_argument("--unstage", metavar="VERSION",
+                       help="local backend: drop the staged key VERSION (it never encrypted "
+                       "anything); the way out when a stage is abandoned")
     add_arguments(p, PluginConfig)
     p.set_defaults(func=cmd_rotate)
 

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 
-from edge_common.kubeapi import KubeClient, in_cluster_config, load_kubeconfig
+from edge_common.kubeapi import ApiError, KubeClient, in_cluster_config, load_kubeconfig
 
 log = logging.getLogger("kms_plugin.events")
 
@@ -31,17 +31,34 @@ class KubeEventNotifier:
         self.node_name = node_name
 
     @classmethod
-    def from_environment(cls) -> KubeEventNotifier:
-        """In-cluster credentials (or $KUBECONFIG); the Pod from POD_NAME / POD_NAMESPACE."""
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config = in_cluster_config()
-        else:
-            config = load_kubeconfig(
-                os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config"))
+    def from_environment(cls) -> KubeEventNotifier | None:
+        """Credentials from $KUBECONFIG, else in-cluster, else ~/.kube/config; the Pod from
+        POD_NAME / POD_NAMESPACE.
+
+        A static pod (how the plugin runs beside kube-apiserver) has no service-account
+        token: then, and whenever no credentials load, events are off with a warning and
+        ``serve`` carries on; they are best effort, never a reason not to serve.
+        """
+        try:
+            if os.environ.get("KUBECONFIG"):
+                config = load_kubeconfig(os.environ["KUBECONFIG"])
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config = in_cluster_config()
+                if config.token_file and not os.path.exists(config.token_file):
+                    raise ApiError(0, "", f"no service-account token at {config.token_file}")
+            else:
+                config = load_kubeconfig(os.path.expanduser("~/.kube/config"))
+            client = KubeClient(config, timeout=REQUEST_TIMEOUT)  # reads the CA files
+        except (ApiError, OSError, ValueError) as exc:  # missing or unreadable files, bad YAML
+            log.warning(
+                "--kube-events: no Kubernetes credentials (%s: %s); events are off. A static "
+                "pod has no service-account token: set KUBECONFIG to a kubeconfig it can read",
+                type(exc).__name__, str(exc)[:200],
+            )
+            return None
         pod = os.environ.get("POD_NAME") or os.uname().nodename
         namespace = os.environ.get("POD_NAMESPACE", "kube-system")
-        return cls(KubeClient(config, timeout=REQUEST_TIMEOUT), namespace, pod,
-                   os.environ.get("NODE_NAME", ""))
+        return cls(client, namespace, pod, os.environ.get("NODE_NAME", ""))
 
     def _record(self, event_type: str, reason: str, message: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

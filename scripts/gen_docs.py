@@ -53,7 +53,8 @@ def option_table(cls: type, env_prefix: str) -> str:
     ]
     for row in describe(cls, env_prefix):
         lines.append(
-            f"| {_code(row.name)} | {_code(row.flag)} | {_code(row.env or '')} | "
+            f"| {_code(row.name)} | {_code(row.flag) or '(none: secret)'} | "
+            f"{_code(row.env or '')} | "
             f"{_cell(row.type)} | {_code(row.default)} | {_cell(row.help)} |"
         )
     return "\n".join(lines)
