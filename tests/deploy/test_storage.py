@@ -320,7 +320,8 @@ def test_kubectl_exec_sees_the_same_node_and_lvm_as_the_containers_process(
     # kubectl -n kube-system exec POD -c node-resource-manager -- node-resource-manager --dry-run
     execd = exec_config(agent, "node-resource-manager", "--dry-run")
     assert execd.node_name == running.node_name == FIELD_VALUES["spec.nodeName"]
-    assert (execd.lvm_command, execd.lvm_config) == (running.lvm_command, running.lvm_config)
+    for name in ("lvm_command", "lvm_config", "lvm_extra_args", "dev_dir", "mount_namespace"):
+        assert getattr(execd, name) == getattr(running, name), f"exec'd {name} differs"
     plugin = container(ds, "csi-lvm")
     execd = exec_config(plugin, "csi-lvm", "--endpoint=unix:///tmp/x.sock", "--node-id=n")
     running = our_config(plugin)
