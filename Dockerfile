@@ -20,10 +20,9 @@ RUN apt-get update \
 WORKDIR /src
 # the context is an allowlist (.dockerignore): packaging metadata, proto/ and the five packages
 COPY . .
-# pip's download cache survives between builds on this machine; the layer never holds it.
-# `make image` mounts the versions the tests ran against and the host's CA bundle.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    if [ -f /run/edge-build/constraints.txt ]; then \
+# `make image` mounts the versions the tests ran against, the host's CA bundle and a pip
+# download cache kept on the build host (the layer never holds it).
+RUN if [ -f /run/edge-build/constraints.txt ]; then \
       export PIP_CONSTRAINT=/run/edge-build/constraints.txt; fi \
  && if [ -f /run/edge-build/ca.crt ]; then export PIP_CERT=/run/edge-build/ca.crt; fi \
  && /opt/edge-node-services/bin/pip install . \

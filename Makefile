@@ -19,7 +19,7 @@ typecheck:
 	$(VENV)/bin/mypy edge_common edge_proto csi_lvm node_resource_manager kms_plugin fake_kms edge_demo kernel_guest benchmarks scripts/image/smoke.py
 
 unit:
-	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kernel and not image" $(PYTEST_ARGS)
 
 test-kernel:
 	$(PY) -m kernel_guest pytest
@@ -40,6 +40,7 @@ image:
 
 image-smoke:
 	$(PY) scripts/image/smoke.py $(IMAGE)
+	$(PY) -m pytest -m image tests/deploy/test_doc_blocks.py $(PYTEST_ARGS)
 
 docs:
 	$(PY) scripts/gen_docs.py

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import posixpath
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,12 +17,24 @@ from tests.deploy.manifests import DEPLOY, Obj, container, one, pod_spec, resolv
 from tests.deploy.schemas import ENCRYPTION_CONFIGURATION_V1, errors
 
 ENCRYPTION_CONFIG = DEPLOY / "kms" / "encryption-config.yaml"
+READ_FIRST_CONFIG = DEPLOY / "kms" / "encryption-config-read-first.yaml"
 
 
-def encryption_config() -> Obj:
-    docs = [d for d in yaml.safe_load_all(ENCRYPTION_CONFIG.read_text()) if d]
+def encryption_config(path: Path = ENCRYPTION_CONFIG) -> Obj:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert len(docs) == 1
     return dict(docs[0])
+
+
+def test_read_first_configuration_reads_kms_but_writes_in_clear() -> None:
+    # step 1 of enabling and of disabling encryption: the same kms provider, identity first
+    read_first = encryption_config(READ_FIRST_CONFIG)
+    assert not errors(read_first, ENCRYPTION_CONFIGURATION_V1)
+    (entry,) = read_first["resources"]
+    (final,) = encryption_config()["resources"]
+    assert entry["resources"] == final["resources"]
+    assert entry["providers"] == list(reversed(final["providers"]))
+    assert entry["providers"][0] == {"identity": {}}
 
 
 def plugin_pod(objs: tuple[Obj, ...]) -> tuple[Obj, Obj, PluginConfig]:
@@ -143,5 +156,7 @@ def test_operations_doc_mounts_the_socket_directory_into_kube_apiserver(
     _, _, cfg = plugin_pod(kms)
     text = (DEPLOY.parent / "docs" / "operations.md").read_text()
     socket_dir = posixpath.dirname(unix_path(cfg.endpoint))
-    assert f"path: {socket_dir}" in text and f"mountPath: {socket_dir}" in text
+    # the kubeadm ClusterConfiguration and the RKE2 config of the guide mount it
+    assert f"hostPath: {socket_dir}" in text and f"mountPath: {socket_dir}" in text
+    assert f"- {socket_dir}:{socket_dir}" in text
     assert "--encryption-provider-config=/etc/kubernetes/enc/encryption-config.yaml" in text
