@@ -12,7 +12,7 @@ ARG BASE_IMAGE=debian:bookworm-slim
 # The build hook (setup.py) generates the gRPC stubs from proto/.
 FROM ${BASE_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ONLY_BINARY=:all: \
-    PIP_CACHE_DIR=/root/.cache/pip
+    PIP_NO_CACHE_DIR=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -20,8 +20,7 @@ RUN apt-get update \
 WORKDIR /src
 # the context is an allowlist (.dockerignore): packaging metadata, proto/ and the five packages
 COPY . .
-# `make image` mounts the versions the tests ran against, the host's CA bundle and a pip
-# download cache kept on the build host (the layer never holds it).
+# `make image` mounts the versions the tests ran against and the host's CA bundle.
 RUN if [ -f /run/edge-build/constraints.txt ]; then \
       export PIP_CONSTRAINT=/run/edge-build/constraints.txt; fi \
  && if [ -f /run/edge-build/ca.crt ]; then export PIP_CERT=/run/edge-build/ca.crt; fi \

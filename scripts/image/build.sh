@@ -11,9 +11,9 @@
 # Python dependencies are pinned to the versions installed in .venv (the ones the tests ran
 # against) when it exists; pip trusts this host's CA bundle.
 #
-# Caches: the base image (rebuilt weekly) and pip's downloads (~/.cache/edge-node-services).
-# No layer cache: with the vfs storage driver every layer is a full copy of the file system, so
-# the build keeps only the base and the image; the image it replaces is removed.
+# Cached: the base image (rebuilt weekly). Not cached: buildah's layers (with the vfs storage
+# driver every layer is a full copy of the file system, so the build keeps only the base and
+# the image, and removes the image it replaces) and the Python wheels (~25 MB, fetched again).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -54,9 +54,6 @@ fi
 ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 [ -s "$ca" ] && cp "$ca" "$work/edge-build/ca.crt"
 build_args+=(--volume "$work/edge-build:/run/edge-build:ro")
-pip_cache=${XDG_CACHE_HOME:-$HOME/.cache}/edge-node-services/image-pip
-mkdir -p "$pip_cache"
-build_args+=(--volume "$pip_cache:/root/.cache/pip")
 
 previous=$("${buildah[@]}" inspect --type image --format '{{.FromImageID}}' "$IMAGE" 2>/dev/null || true)
 echo "image: building $IMAGE from $base" >&2
