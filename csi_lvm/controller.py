@@ -33,9 +33,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import blockdev
 from csi_lvm.capabilities import capability_error, is_block
-from csi_lvm.capacity import CapacityCache, ThinPoolSpace, max_striped_size
+from csi_lvm.capacity import (
+    CapacityCache,
+    PoolThresholds,
+    ThinPoolSpace,
+    max_striped_size,
+    pool_problems,
+    thin_refusal,
+)
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
-from csi_lvm.locks import InFlight
+from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.params import (
     P_WIPE,
     LvmType,
@@ -181,15 +188,20 @@ def _timestamp(seconds: int | None) -> Timestamp:
     return ts
 
 
-def lv_condition(lv: LogicalVolume, pool: LogicalVolume | None = None) -> tuple[bool, str]:
-    """(abnormal, message) from what LVM reports about the LV (and its thin pool)."""
+def lv_condition(lv: LogicalVolume, pool: LogicalVolume | None = None,
+                 thresholds: PoolThresholds | None = None) -> tuple[bool, str]:
+    """(abnormal, message) from what LVM reports about the LV and, for a thin volume, its
+    pool: a pool past a threshold makes every volume in it abnormal (writes may fail)."""
     problems = []
     if lv.attr.health in _HEALTH:
         problems.append(_HEALTH[lv.attr.health])
     if lv.attr.invalid_snapshot:
         problems.append("invalid snapshot (its copy-on-write space overflowed)")
-    if pool is not None and pool.attr.health in _HEALTH:
-        problems.append(f"thin pool {pool.name}: {_HEALTH[pool.attr.health]}")
+    if pool is not None:
+        pool_issues = pool_problems(pool, thresholds or PoolThresholds())
+        if pool_issues:
+            problems.append(f"thin pool {pool.vg_name}/{pool.name}: {'; '.join(pool_issues)}"
+                            " (writes may fail)")
     if problems:
         return True, "; ".join(problems)
     return False, "volume is healthy"
@@ -235,6 +247,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         self.locks = locks or InFlight()
         self.owner = owner_tag(config.driver_name)
         self.segments = {config.topology_key: config.node_id}
+        self.thresholds = PoolThresholds.of(config)
         # Data operations (zeroing, copying, COW snapshots) need device-mapper.
         self.live = lvm is not None and not lvm.settings.activation_disabled
         # CSI names are global to the driver, not per VG: LV names this process created, by
@@ -281,9 +294,16 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return lv, own
 
     def _owned_lvs(self) -> list[tuple[LogicalVolume, Ownership]]:
+        return self._owned_lvs_and_pools()[0]
+
+    def _owned_lvs_and_pools(self) -> tuple[list[tuple[LogicalVolume, Ownership]],
+                                            dict[tuple[str, str], LogicalVolume]]:
+        """Our LVs, and every thin pool by (vg, name), from one lvm call."""
         with lvm_errors("listing volumes"):
-            lvs = self.lvm.lvs(tag=self.owner)
-        return [(lv, read_tags(lv.tags, self.cfg.driver_name)) for lv in lvs]
+            lvs = self.lvm.lvs()
+        pools = {(lv.vg_name, lv.name): lv for lv in lvs if lv.is_thin_pool}
+        return ([(lv, read_tags(lv.tags, self.cfg.driver_name)) for lv in lvs
+                 if self.owner in lv.tags], pools)
 
     def _remove(self, ref: LvRef, doing: str) -> None:
         try:
@@ -334,13 +354,31 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return None
 
     def _pool_of(self, lv: LogicalVolume) -> LogicalVolume | None:
-        if not lv.pool_lv or self._cache is None:
+        """The thin pool of a thin volume, as LVM reports it now (a cached report would call a
+        pool healthy for up to a refresh period after it filled up)."""
+        if not lv.pool_lv:
             return None
-        report = self._cache.cached()
-        if report is None:
-            return None
-        return next((p for p in report.lvs if p.vg_name == lv.vg_name and p.name == lv.pool_lv),
-                    None)
+        with lvm_errors(f"reading thin pool {lv.vg_name}/{lv.pool_lv}"):
+            return self.lvm.get_lv(lv.vg_name, lv.pool_lv)
+
+    def _condition(self, lv: LogicalVolume, pool: LogicalVolume | None) -> tuple[bool, str]:
+        return lv_condition(lv, pool, self.thresholds)
+
+    @contextlib.contextmanager
+    def _thin_room(self, vg: str, pool: str, size: int, replacing: str = "") -> Iterator[None]:
+        """Hold the pool's mutex, read the pool from LVM now (its overprovision tag, usage and
+        thin LVs), and refuse a thin LV of `size` virtual bytes (in place of the pool's LV
+        `replacing`, if it has one) when it does not fit: two requests can never both take
+        the last room of a pool."""
+        with self.locks.serial(thin_pool_key(vg, pool)):
+            with lvm_errors(f"reading thin pool {vg}/{pool}"):
+                report = self.cache.refresh()
+            refusal = thin_refusal(report, vg, pool, size, replacing, self.cache.default_ratio,
+                                   self.thresholds)
+            if refusal is not None:
+                raise ResourceExhausted(f"{refusal} on node {self.cfg.node_id}; another node "
+                                        "may have room")
+            yield
 
     def _volume_msg(self, ref: LvRef, lv: LogicalVolume, own: Ownership) -> csi_pb2.Volume:
         vol = csi_pb2.Volume(
@@ -416,8 +454,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if not source_id:
                 raise InvalidArgument(f"volume_content_source: the {source_kind} id is empty")
         if not self.cfg.vg_allowed(params.vg):
-            raise InvalidArgument(f"volume group {params.vg!r} is not allowed by this driver's "
-                                  "configuration (allowed_vgs)")
+            raise InvalidArgument(
+                f"volume group {params.vg!r} is not allowed on node {self.cfg.node_id}: this "
+                f"driver uses only its default VG {self.cfg.default_vg!r} and the VGs listed in "
+                "the option allowed_vgs (--allowed-vgs / CSI_LVM_ALLOWED_VGS); add it there to "
+                "use it")
         req = request.accessibility_requirements
         if req.requisite and not any(self._is_here(t) for t in req.requisite):
             raise ResourceExhausted(
@@ -436,12 +477,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     f"volume {name!r} already exists in volume group {elsewhere.vg} "
                     f"({elsewhere.id}); a name identifies one volume across all of this "
                     f"driver's volume groups, not {params.vg!r} too")
-            vol = self._create_volume(request, name, ref, params, caps, required, limit,
-                                      source_kind, source_id)
+            with contextlib.ExitStack() as stack:
+                vol = self._create_volume(stack, request, name, ref, params, caps, required,
+                                          limit, source_kind, source_id)
             self._remember(ref)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
-    def _create_volume(self, request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
+    def _create_volume(self, stack: contextlib.ExitStack, request: csi_pb2.CreateVolumeRequest,
+                       name: str, ref: LvRef,
                        params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
                        required: int, limit: int, source_kind: str, source_id: str,
                        ) -> csi_pb2.Volume:
@@ -472,21 +515,19 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
             if params.lvm_type is LvmType.THIN:
                 assert params.thin_pool is not None
-                with lvm_errors("reading the thin pool"):
-                    pool = self.cache.thin_pool(vg.name, params.thin_pool)
-                if pool is None:
-                    raise ResourceExhausted(
-                        f"thin pool {vg.name}/{params.thin_pool} does not exist on node "
-                        f"{self.cfg.node_id}")
-                if size > pool.maximum:
-                    raise OutOfRange(f"{size} bytes exceed the largest volume thin pool "
-                                     f"{params.thin_pool} accepts ({pool.maximum} bytes)")
+                # The caller holds the pool's mutex (CreateVolume): this reading stays true
+                # until our lvcreate has run.
+                stack.enter_context(
+                    self._thin_room(vg.name, params.thin_pool, size, replacing=ref.lv))
+                pool = self.cache.thin_pool(vg.name, params.thin_pool)
             else:
                 largest = vg.size if stripes is None else max_striped_size_total(
                     report, vg.name, stripes)
                 if size > largest:
-                    raise OutOfRange(f"{size} bytes exceed the largest volume volume group "
-                                     f"{vg.name} can hold ({largest} bytes)")
+                    raise ResourceExhausted(
+                        f"{size} bytes exceed the largest volume volume group {vg.name} can "
+                        f"hold on node {self.cfg.node_id} ({largest} bytes); another node may "
+                        "have room")
         except (OutOfRange, ResourceExhausted):
             # A volume of this name that exists already answers first: a capacity the VG
             # could never hold is still ALREADY_EXISTS (or the volume itself) for it.
@@ -506,20 +547,6 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if vol is not None:
                     return vol
                 self._discard_pending(ref, source)
-        if pool is not None and size > pool.available:
-            with lvm_errors("reading the thin pool"):
-                pool = self.cache.thin_pool(vg.name, params.thin_pool or "", fresh=True)
-            if pool is None or size > pool.available:
-                found = None if plan.pending else self._get(ref)
-                if found is not None:  # a retry of a create that filled the pool
-                    vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
-                    if vol is not None:
-                        return vol
-                raise ResourceExhausted(
-                    f"thin pool {vg.name}/{params.thin_pool} has room for "
-                    f"{pool.available if pool else 0} bytes (free x overprovision ratio), "
-                    f"{size} requested")
-
         tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
                           created=int(time.time()), size=size, source=source_tag, context=ctx,
                           pending=plan.pending)
@@ -539,6 +566,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 return vol
             self._discard_pending(ref, source)
         self.cache.invalidate()
+        stack.close()  # the new LV is in the pool's accounting now: the next create may read it
         log.info("volume created", extra={"size": size, "lvm_type": params.lvm_type.value,
                                           "method": plan.method})
         try:
@@ -774,29 +802,33 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             unit = (vg.extent_size if vg else 4 << 20) * max(1, lv.stripes)
             size = choose_size(required or lv.size, limit, unit, lv.size)
             if size > lv.size:
-                if lv.is_thin and lv.pool_lv:
-                    pool = self.cache.thin_pool(ref.vg, lv.pool_lv)
-                    if pool is not None and size > pool.maximum:
-                        raise OutOfRange(f"{size} bytes exceed what thin pool {lv.pool_lv} "
-                                         f"accepts ({pool.maximum} bytes)")
-                elif vg is not None and size - lv.size > vg.size:
-                    raise OutOfRange(f"{size} bytes exceed volume group {vg.name}")
-                try:
-                    self.lvm.lvextend(ref.vg, ref.lv, size)
-                except LvmError as exc:
-                    if lv.attr.origin and not lv.is_thin and _refusal(exc):
-                        raise FailedPrecondition(
-                            f"volume {ref} has copy-on-write snapshots and LVM refuses to grow "
-                            f"it while they exist ({exc.message}); delete its snapshots, "
-                            "then retry the expansion") from exc
-                    raise lvm_failure(exc, f"extending {ref}") from exc
-                finally:
-                    self.cache.invalidate()
+                with contextlib.ExitStack() as stack:
+                    if lv.is_thin and lv.pool_lv:
+                        stack.enter_context(self._thin_room(ref.vg, lv.pool_lv, size,
+                                                            replacing=ref.lv))
+                    elif vg is not None and size - lv.size > vg.size:
+                        raise ResourceExhausted(
+                            f"growing {ref} to {size} bytes needs {size - lv.size} more, more "
+                            f"than volume group {vg.name} holds ({vg.size} bytes)")
+                    self._extend(ref, lv, size)
                 log.info("volume expanded", extra={"size": size})
             else:
                 size = lv.size
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                       node_expansion_required=not block)
+
+    def _extend(self, ref: LvRef, lv: LogicalVolume, size: int) -> None:
+        try:
+            self.lvm.lvextend(ref.vg, ref.lv, size)
+        except LvmError as exc:
+            if lv.attr.origin and not lv.is_thin and _refusal(exc):
+                raise FailedPrecondition(
+                    f"volume {ref} has copy-on-write snapshots and LVM refuses to grow "
+                    f"it while they exist ({exc.message}); delete its snapshots, "
+                    "then retry the expansion") from exc
+            raise lvm_failure(exc, f"extending {ref}") from exc
+        finally:
+            self.cache.invalidate()
 
     # ------------------------------------------------------------------ Validate
 
@@ -836,15 +868,17 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         _ = self.lvm
         if request.starting_token:
             decode_token(request.starting_token)
+        owned, pools = self._owned_lvs_and_pools()
         volumes = {
-            f"{lv.vg_name}/{lv.name}": (lv, own) for lv, own in self._owned_lvs()
+            f"{lv.vg_name}/{lv.name}": (lv, own) for lv, own in owned
             if own.kind == KIND_VOLUME and not own.pending
         }
         page, next_token = _paginate(list(volumes), request.max_entries, request.starting_token)
         entries = []
         for volume_id in page:
             lv, own = volumes[volume_id]
-            abnormal, message = lv_condition(lv, self._pool_of(lv))
+            pool = pools.get((lv.vg_name, lv.pool_lv)) if lv.pool_lv else None
+            abnormal, message = self._condition(lv, pool)
             entries.append(csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume_msg(LvRef(lv.vg_name, lv.name), lv, own),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
@@ -860,7 +894,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         _ = self.lvm
         found = self._resolve_source(KIND_VOLUME, request.volume_id)
         ref, lv, own = found.ref, found.lv, found.own
-        abnormal, message = lv_condition(lv, self._pool_of(lv))
+        abnormal, message = self._condition(lv, self._pool_of(lv))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume_msg(ref, lv, own),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
@@ -890,17 +924,22 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not self.cfg.vg_allowed(vg_name):
             return zero
         with lvm_errors("reading capacity"):
+            # A VG or pool missing from the cache is looked up in LVM again (rate-limited):
+            # one the node agent just built is published within seconds.
+            vg = cache.vg(vg_name, fresh=True)
+            pool = cache.thin_pool(vg_name, params.thin_pool or "", fresh=True) \
+                if vg is not None and params is not None and params.lvm_type is LvmType.THIN \
+                else None
             report = cache.report(fresh=True)
-        vg = report.vg(vg_name)
         if vg is None:
             return zero
         resp = csi_pb2.GetCapacityResponse()
         if params is not None and params.lvm_type is LvmType.THIN:
-            pool = cache.thin_pool(vg_name, params.thin_pool or "")
             if pool is None:
                 return zero
+            # Pool size x overprovision ratio - virtual sizes handed out; 0 past a threshold.
             resp.available_capacity = pool.available
-            resp.maximum_volume_size.value = min(pool.available, pool.maximum)
+            resp.maximum_volume_size.value = pool.maximum
         elif params is not None and params.lvm_type is LvmType.STRIPED:
             stripes = params.stripes or len(report.pvs_of(vg_name))
             resp.available_capacity = vg.free if stripes >= 2 else 0

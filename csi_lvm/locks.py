@@ -15,11 +15,35 @@ from collections.abc import Iterator, Sequence
 from edge_common.errors import Aborted
 
 
+def thin_pool_key(vg: str, pool: str) -> str:
+    """The serial() key of a thin pool: every change of its virtual sizes holds it."""
+    return f"thin-pool:{vg}/{pool}"
+
+
 class InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._exclusive: set[str] = set()
         self._shared: dict[str, int] = {}
+        self._queues: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def serial(self, key: str) -> Iterator[None]:
+        """Wait for, then hold, the mutex of key: for short check-then-change sections that
+        must not interleave (e.g. two thin volumes taking the last room of one pool)."""
+        with self._lock:
+            mutex, users = self._queues.get(key, (threading.Lock(), 0))
+            self._queues[key] = (mutex, users + 1)
+        try:
+            with mutex:
+                yield
+        finally:
+            with self._lock:
+                mutex, users = self._queues[key]
+                if users > 1:
+                    self._queues[key] = (mutex, users - 1)
+                else:
+                    del self._queues[key]
 
     @contextlib.contextmanager
     def hold(self, *keys: str, shared: Sequence[str] = ()) -> Iterator[None]:

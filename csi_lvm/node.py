@@ -27,12 +27,14 @@ Spec choices (CSI v1.12), each deliberate:
   missing or inactive LV, or a publish directory with nothing mounted, is reported as an
   abnormal VolumeCondition (with usage when the path still answers).
 - NodeExpandVolume: NOT_FOUND for an unknown volume or a volume_path where the volume is not
-  published; OUT_OF_RANGE when the rounded size exceeds limit_bytes or the VG could never hold
-  it; RESOURCE_EXHAUSTED when the VG lacks free space now.
+  published; OUT_OF_RANGE only when the rounded size exceeds limit_bytes (the request itself);
+  RESOURCE_EXHAUSTED when the VG (or, for a thin volume, its pool's accounted room) cannot
+  hold it, now or ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -47,9 +49,10 @@ import grpc
 from csi_lvm import filesystem
 from csi_lvm.blockdev import BlockDeviceError, wait_for_device
 from csi_lvm.capabilities import DEFAULT_FS_TYPE, capability_error, is_block, mode_name
+from csi_lvm.capacity import PoolThresholds, thin_refusal
 from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
-from csi_lvm.locks import InFlight
+from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.mounter import (
     InvalidMountOption,
     MountEntry,
@@ -60,7 +63,14 @@ from csi_lvm.mounter import (
     flags_satisfied,
 )
 from csi_lvm.stats import block_device_read_only, block_device_size, filesystem_usage
-from csi_lvm.volume import InvalidId, VolumeContext, parse_id, resolve_volume, split_mount_options
+from csi_lvm.volume import (
+    InvalidId,
+    LvRef,
+    VolumeContext,
+    parse_id,
+    resolve_volume,
+    split_mount_options,
+)
 from edge_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -107,6 +117,7 @@ class NodeVolume:
     problem: str | None = None  # LVM reports it unhealthy (for VolumeCondition)
     stripes: int = 1  # an LV grows by whole extents on every stripe
     thin: bool = False  # a thin LV grows without taking VG space
+    pool: str = ""  # the thin pool of a thin LV
 
 
 class VolumeBackend(Protocol):
@@ -123,9 +134,10 @@ class VolumeBackend(Protocol):
         Raises OutOfRange / ResourceExhausted (ServiceError) when it cannot."""
 
 
-def lv_problem(lv: LogicalVolume) -> str | None:
-    """A health problem LVM reports for the LV (the controller's wording), or None."""
-    abnormal, message = lv_condition(lv)
+def lv_problem(lv: LogicalVolume, pool: LogicalVolume | None = None,
+               thresholds: PoolThresholds | None = None) -> str | None:
+    """A health problem LVM reports for the LV or its thin pool (the controller's wording)."""
+    abnormal, message = lv_condition(lv, pool, thresholds)
     return message if abnormal else None
 
 
@@ -133,10 +145,15 @@ class LvmVolumes:
     """Volumes are the driver's LVs: found by id and ownership tag, activated, extended."""
 
     def __init__(self, lvm: Lvm, driver_name: str,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, *,
+                 thresholds: PoolThresholds | None = None, default_ratio: float = 1.0,
+                 locks: InFlight | None = None) -> None:
         self.lvm = lvm
         self.driver_name = driver_name
         self.on_change = on_change
+        self.thresholds = thresholds or PoolThresholds()
+        self.default_ratio = default_ratio
+        self.locks = locks or InFlight()
 
     def _logical_volume(self, volume_id: str) -> tuple[LogicalVolume, dict[str, str]] | None:
         try:
@@ -156,8 +173,12 @@ class LvmVolumes:
             return None
         lv, context = found
         ref = parse_id(volume_id)
+        # A thin volume is as healthy as its pool: read the pool too (one more lvm call,
+        # thin volumes only), so a pool past its threshold is never reported healthy.
+        pool = self.lvm.get_lv(ref.vg, lv.pool_lv) if lv.is_thin and lv.pool_lv else None
         return NodeVolume(volume_id, ref.device_path, lv.size, lv.is_active, context,
-                          lv_problem(lv), max(1, lv.stripes), lv.is_thin)
+                          lv_problem(lv, pool, self.thresholds), max(1, lv.stripes),
+                          lv.is_thin, lv.pool_lv or "")
 
     def activate(self, volume: NodeVolume) -> NodeVolume:
         ref = parse_id(volume.volume_id)
@@ -169,28 +190,43 @@ class LvmVolumes:
         return now
 
     def extend(self, volume: NodeVolume, required_bytes: int, limit_bytes: int) -> NodeVolume:
-        """Two lvm calls (vgs, lvextend): under emulation or on a busy node each one counts."""
+        """Two lvm calls (a report of the VG, lvextend): under emulation or on a busy node
+        each one counts. A thin volume grows only within its pool's room (pool size x
+        overprovision ratio - virtual sizes handed out), checked under the pool's mutex."""
         if not required_bytes or volume.size >= required_bytes:
             return volume  # idempotent: already big enough (or no size asked for)
         ref = parse_id(volume.volume_id)
-        vg = self.lvm.get_vg(ref.vg)
-        if vg is None:
-            raise NotFound(f"volume group {ref.vg} of volume {volume.volume_id} not found")
-        unit = (vg.extent_size or 1) * max(1, volume.stripes)
-        size = -(-required_bytes // unit) * unit
-        if limit_bytes and size > limit_bytes:
-            raise OutOfRange(
-                f"{required_bytes} bytes rounded up to the allocation unit ({unit} bytes) is "
-                f"{size} bytes, above limit_bytes {limit_bytes}")
-        if not volume.thin and size - volume.size > vg.size:
-            raise OutOfRange(f"volume group {ref.vg} ({vg.size} bytes) can never hold "
-                             f"{size} bytes for {volume.volume_id}")
+        with contextlib.ExitStack() as stack:
+            if volume.thin and volume.pool:
+                stack.enter_context(self.locks.serial(thin_pool_key(ref.vg, volume.pool)))
+            report = self.lvm.report([ref.vg])
+            vg = report.vg(ref.vg)
+            if vg is None:
+                raise NotFound(f"volume group {ref.vg} of volume {volume.volume_id} not found")
+            unit = (vg.extent_size or 1) * max(1, volume.stripes)
+            size = -(-required_bytes // unit) * unit
+            if limit_bytes and size > limit_bytes:
+                raise OutOfRange(
+                    f"{required_bytes} bytes rounded up to the allocation unit ({unit} bytes) "
+                    f"is {size} bytes, above limit_bytes {limit_bytes}")
+            if volume.thin and volume.pool:
+                refusal = thin_refusal(report, ref.vg, volume.pool, size, ref.lv,
+                                       self.default_ratio, self.thresholds)
+                if refusal is not None:
+                    raise ResourceExhausted(f"growing {volume.volume_id} to {size} bytes: "
+                                            f"{refusal}")
+            elif not volume.thin and size - volume.size > vg.size:
+                raise ResourceExhausted(f"volume group {ref.vg} ({vg.size} bytes) can never "
+                                        f"hold {size} bytes for {volume.volume_id}")
+            return self._lvextend(ref, volume, vg.free, size)
+
+    def _lvextend(self, ref: LvRef, volume: NodeVolume, vg_free: int, size: int) -> NodeVolume:
         try:
             self.lvm.lvextend(ref.vg, ref.lv, size)
         except LvmError as exc:
             if exc.is_no_space():
                 raise ResourceExhausted(
-                    f"volume group {ref.vg} has {vg.free} bytes free; growing "
+                    f"volume group {ref.vg} has {vg_free} bytes free; growing "
                     f"{volume.volume_id} to {size} bytes needs {size - volume.size}") from None
             if not isinstance(exc, LvmTimeout) and not volume.thin:
                 # LVM refuses to grow an active thick origin of copy-on-write snapshots.
@@ -320,7 +356,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if volumes is None:
             if lvm is None:
                 raise ValueError("NodeService needs an Lvm or a volume backend")
-            volumes = LvmVolumes(lvm, config.driver_name, on_lvm_change)
+            locks = locks or InFlight()
+            volumes = LvmVolumes(
+                lvm, config.driver_name, on_lvm_change, locks=locks,
+                default_ratio=config.thin_overprovision_ratio,
+                thresholds=PoolThresholds.of(config))
         self.config = config
         self.volumes = volumes
         self.locks = locks or InFlight()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry
 
-from csi_lvm.capacity import CapacityCache, LvmCollector
+from csi_lvm.capacity import CapacityCache, LvmCollector, PoolThresholds
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.identity import Identity
@@ -40,8 +40,10 @@ class Driver:
         self.cache: CapacityCache | None = None
         if config.mode is Mode.ALL:
             self.lvm = Lvm(lvm_settings(config))
-            self.cache = CapacityCache(self.lvm, config.capacity_refresh_seconds,
-                                       config.thin_overprovision_ratio)
+            self.cache = CapacityCache(
+                self.lvm, config.capacity_refresh_seconds, config.thin_overprovision_ratio,
+                PoolThresholds.of(config),
+                recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
         self.locks = InFlight()
         self.identity = Identity(config, self.lvm)

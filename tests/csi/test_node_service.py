@@ -880,7 +880,7 @@ def test_lvm_volumes_extend_rounds_to_extents_and_maps_lvm_refusals(
 
     with pytest.raises(OutOfRange):  # the rounded size exceeds the limit
         volumes.extend(grown, grown.size + 1, grown.size + 1)
-    with pytest.raises(OutOfRange):  # more than the whole VG
+    with pytest.raises(ResourceExhausted):  # more than the whole VG: maybe another node
         volumes.extend(grown, 1 << 30, 0)
     with pytest.raises(ResourceExhausted):  # fits the VG, not its free space
         volumes.extend(grown, grown.size + 120 * MiB - 4 * extent, 0)
