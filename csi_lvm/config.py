@@ -134,6 +134,15 @@ class CsiConfig:
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
         "consistent while the source is in use",
     )
+    kube_events: bool = option(
+        True, help="post Events (thin pool past/below its threshold) on this Node through the "
+        "Kubernetes API when running in a cluster or given kubeconfig; otherwise they are "
+        "logged only",
+    )
+    kubeconfig: str = option(
+        "", help="kubeconfig for Events (and, in mode controller, for reading what the nodes "
+        "publish); empty: the pod's service account when in a cluster", metavar="FILE",
+    )
     advertise_get_snapshot: bool = option(
         False, help="advertise the alpha GET_SNAPSHOT controller capability (CSI 1.12; the "
         "GetSnapshot RPC answers either way): off by default because conformance suites and "

@@ -15,6 +15,7 @@ from csi_lvm.controller import Controller
 from csi_lvm.identity import Identity
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
+from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.recovery import sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
@@ -45,6 +46,9 @@ class Driver:
                 PoolThresholds.of(config),
                 recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
+            self.pool_watch = PoolWatch(make_sink(config), config.thin_overprovision_ratio,
+                                        PoolThresholds.of(config), config.node_id)
+            self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
         self.identity = Identity(config, self.lvm)
         self.controller = Controller(config, self.lvm, self.cache, self.locks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from csi_lvm.capacity import (
@@ -17,10 +18,13 @@ from csi_lvm.capacity import (
     pool_space,
     thin_refusal,
 )
+from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
+from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.volume import TAG_OVERPROVISION
 from edge_common.lvm import LogicalVolume, LvmReport
 from edge_common.lvm.attr import LvAttr
+from node_resource_manager.events import LogSink
 
 MiB = 1 << 20
 VG = "vg0"
@@ -128,3 +132,24 @@ def test_metrics_show_the_room_and_raise_the_threshold_gauge() -> None:
     healthy.register(LvmCollector(_Cache(report(pool(), thin("a", 40 * MiB)))))  # type: ignore[arg-type]
     assert healthy.get_sample_value("csi_lvm_thin_pool_over_threshold", labels) == 0
     assert healthy.get_sample_value("csi_lvm_thin_pool_available_bytes", labels) == 88 * MiB
+
+
+def test_a_pool_crossing_its_threshold_gives_one_warning_event_and_one_when_back() -> None:
+    sink = LogSink()
+    watch = PoolWatch(sink, 1.0, T, "node-a")
+    watch(report(pool(data=50.0)))
+    assert sink.events == []
+    watch(report(pool(data=91.0)))
+    watch(report(pool(data=92.0)))  # still full: no second event
+    assert [(reason, warning) for reason, _msg, warning in sink.events] == \
+        [("ThinPoolOverThreshold", True)]
+    assert "vg0/pool0" in sink.events[0][1] and "node-a" in sink.events[0][1]
+    watch(report(pool(data=40.0)))
+    assert [(reason, warning) for reason, _msg, warning in sink.events] == \
+        [("ThinPoolOverThreshold", True), ("ThinPoolBelowThreshold", False)]
+
+
+def test_outside_a_cluster_events_go_to_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = CsiConfig(node_id="n")
+    assert isinstance(make_sink(config), LogSink)
