@@ -572,6 +572,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         try:
             found = filesystem.probe(device)
             fs_type = found.fs_type
+            existing = fs_type is not None
             if fs_type is None:
                 problem = filesystem.blank_problem(device)
                 if problem is not None:
@@ -612,7 +613,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.mounter.mount(device, target, fs_type, mount_options)
         except MountError as exc:
             raise Internal(str(exc)) from None
+        if existing and not read_only:
+            self._fill_device(vol, target, fs_type)
         log.info("published volume", extra={"fs_type": fs_type, "options": mount_options})
+
+    def _fill_device(self, vol: NodeVolume, target: str, fs_type: str) -> None:
+        """A filesystem found on the device (a restore or clone into a larger claim, or an LV
+        grown while unpublished) is grown to the device at its first mount, as mount-utils
+        does: the pod sees the capacity its claim says. A no-op when it already fills it."""
+        try:
+            filesystem.grow(fs_type, vol.device_path, target)
+        except filesystem.FilesystemError as exc:
+            with contextlib.suppress(MountError):
+                self.mounter.unmount_all(target)
+            raise Internal(f"volume {vol.volume_id}: its filesystem could not be grown to its "
+                           f"device: {exc}") from None
 
     # ------------------------------------------------------------------ unpublish
 
@@ -686,6 +701,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                             f"volume {volume_id} is not mounted at {path}")
             elif vol.active and not _holds_device(entry, vol.device_path):
                 raise NotFound(f"{path} holds another filesystem, not volume {volume_id}")
+            elif problem is None and not entry.read_only and (
+                    entry.super_read_only or "emergency_ro" in entry.super_options):
+                # Published read-write, yet the kernel made the filesystem read-only: it met a
+                # write error (e.g. its thin pool ran out of space). Kernels since 6.12 say
+                # "emergency_ro" instead of turning the superblock "ro".
+                problem = (f"the filesystem of volume {volume_id} turned read-only after a "
+                           "write error")
             return self._stats_response(path, block, True, problem)
 
     @staticmethod
