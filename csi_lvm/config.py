@@ -143,6 +143,11 @@ class CsiConfig:
         "", help="kubeconfig for Events (and, in mode controller, for reading what the nodes "
         "publish); empty: the pod's service account when in a cluster", metavar="FILE",
     )
+    storage_capacity_namespace: str = option(
+        "kube-system", help="mode controller: namespace of the CSIStorageCapacity objects "
+        "external-provisioner publishes; ControllerExpandVolume refuses growth beyond what the "
+        "volume's node publishes there", metavar="NAMESPACE",
+    )
     advertise_get_snapshot: bool = option(
         False, help="advertise the alpha GET_SNAPSHOT controller capability (CSI 1.12; the "
         "GetSnapshot RPC answers either way): off by default because conformance suites and "

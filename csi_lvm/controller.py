@@ -55,6 +55,7 @@ from csi_lvm.params import (
     round_up,
     size_fits,
 )
+from csi_lvm.published import PublishedCapacity
 from csi_lvm.volume import (
     KIND_SNAPSHOT,
     KIND_TEMPORARY,
@@ -240,8 +241,10 @@ class Plan:
 
 class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
-                 locks: InFlight | None = None) -> None:
+                 locks: InFlight | None = None,
+                 published: PublishedCapacity | None = None) -> None:
         self.cfg = config
+        self.published = published  # mode controller: what the nodes publish
         self._lvm = lvm
         self._cache = cache
         self.locks = locks or InFlight()
@@ -783,7 +786,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(err)
         block = request.HasField("volume_capability") and is_block(request.volume_capability)
         if self.cfg.mode is Mode.CONTROLLER:
-            # The central instance has no LVM: the node grows the LV and the filesystem.
+            # The central instance has no LVM: the node grows the LV and the filesystem; what
+            # the node publishes bounds the request here already.
+            self._check_published(request.volume_id, required or limit)
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=required or limit, node_expansion_required=True)
         try:
@@ -816,6 +821,20 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 size = lv.size
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                       node_expansion_required=not block)
+
+    def _check_published(self, volume_id: str, size: int) -> None:
+        if self.published is None:
+            return
+        room = self.published.room(volume_id)
+        growth = size - room.current
+        if room.maximum is None:
+            log.info("no CSIStorageCapacity published for the volume's node: its node decides",
+                     extra={"node": room.node, "storage_class": room.storage_class})
+        elif growth > room.maximum:
+            raise ResourceExhausted(
+                f"growing {volume_id} from {room.current} to {size} bytes needs {growth} more; "
+                f"node {room.node} publishes room for {room.maximum} bytes "
+                f"(CSIStorageCapacity of StorageClass {room.storage_class})")
 
     def _extend(self, ref: LvRef, lv: LogicalVolume, size: int) -> None:
         try:

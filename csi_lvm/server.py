@@ -16,6 +16,7 @@ from csi_lvm.identity import Identity
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
+from csi_lvm.published import PublishedCapacity
 from csi_lvm.recovery import sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
@@ -29,6 +30,23 @@ def lvm_settings(config: CsiConfig) -> LvmSettings:
     return LvmSettings.from_options(
         config.lvm_command, config.lvm_extra_args, config.lvm_timeout_seconds,
         config.lvm_config, auto_driverloaded=config.lvm_auto_driverloaded)
+
+
+def published_capacity(config: CsiConfig) -> PublishedCapacity | None:
+    """Mode controller: the nodes' CSIStorageCapacity objects, when the API is reachable."""
+    if config.mode is not Mode.CONTROLLER:
+        return None
+    from node_resource_manager.kube import make_client
+    from node_resource_manager.kubeapi import ApiError
+
+    try:
+        api = make_client(config.kubeconfig)
+    except (ApiError, OSError, ValueError, KeyError) as exc:
+        log.warning("no Kubernetes API: ControllerExpandVolume cannot check what the nodes "
+                    "publish and leaves the decision to the node", extra={"error": str(exc)})
+        return None
+    return PublishedCapacity(api, config.driver_name, config.topology_key,
+                             config.storage_capacity_namespace)
 
 
 class Driver:
@@ -51,7 +69,8 @@ class Driver:
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
         self.identity = Identity(config, self.lvm)
-        self.controller = Controller(config, self.lvm, self.cache, self.locks)
+        self.controller = Controller(config, self.lvm, self.cache, self.locks,
+                                     published_capacity(config))
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from csi_lvm.config import Mode
 from edge_proto.csi.v1 import csi_pb2
 from tests.csi.conftest import CsiRig, MiB, block_cap, code_of, create_request, mount_cap
+from tests.rigs.fake_kube import FakeKubeServer
 
 
 def expand(csi: CsiRig, volume_id: str, required: int, limit: int = 0,
@@ -116,3 +120,49 @@ def test_a_controller_only_instance_answers_expansion_without_lvm(
         csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME]
     assert code_of(lambda: csi.controller.CreateVolume(create_request("v"))) == \
         grpc.StatusCode.UNIMPLEMENTED
+
+
+def _pv(name: str, driver: str, handle: str, node: str, size: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "csi-local-lvm",
+            "csi": {"driver": driver, "volumeHandle": handle},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": f"topology.{driver}/node", "operator": "In", "values": [node]}]}]}},
+        },
+    }
+
+
+def _published(name: str, driver: str, node: str, maximum: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSIStorageCapacity",
+        "metadata": {"name": name, "namespace": "kube-system"},
+        "storageClassName": "csi-local-lvm", "capacity": maximum, "maximumVolumeSize": maximum,
+        "nodeTopology": {"matchLabels": {f"topology.{driver}/node": node}},
+    }
+
+
+def test_a_controller_only_instance_refuses_growth_beyond_what_the_node_publishes(
+        csi_factory: Callable[..., CsiRig], fake_kube: FakeKubeServer, tmp_path: Path) -> None:
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "kubeconfig")
+    csi = csi_factory(mode=Mode.CONTROLLER, node_id="", lvm_command=["/nonexistent/lvm"],
+                      kubeconfig=str(kubeconfig))
+    driver = csi.config.driver_name
+    fake_kube.create("persistentvolumes", _pv("pv-a", driver, "vg1/pvc-a", "node-a", "1Gi"))
+    fake_kube.create("persistentvolumes", _pv("pv-b", driver, "vg1/pvc-b", "node-b", "1Gi"))
+    fake_kube.create("csistoragecapacities.storage.k8s.io",
+                     _published("cap-a", driver, "node-a", "512Mi"), namespace="kube-system")
+    # Within what node-a publishes (1 GiB + 512 MiB): accepted, the node grows it.
+    ok = expand(csi, "vg1/pvc-a", 1536 * MiB)
+    assert ok.capacity_bytes == 1536 * MiB and ok.node_expansion_required
+    # Beyond it: RESOURCE_EXHAUSTED, naming the node and what it publishes.
+    with pytest.raises(grpc.RpcError) as info:
+        expand(csi, "vg1/pvc-a", 2048 * MiB)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "node-a" in (info.value.details() or "")
+    # node-b publishes nothing (yet): the node decides.
+    assert expand(csi, "vg1/pvc-b", 8192 * MiB).capacity_bytes == 8192 * MiB
+    # No PV with that handle: NOT_FOUND.
+    assert code_of(lambda: expand(csi, "vg1/pvc-nope", 2048 * MiB)) == grpc.StatusCode.NOT_FOUND
