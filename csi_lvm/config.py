@@ -130,6 +130,15 @@ class CsiConfig:
         100, help="copy-on-write space of a thick snapshot, in percent of its origin, when the "
         "VolumeSnapshotClass has no snapshotSize", metavar="PERCENT",
     )
+    max_data_jobs: int = option(
+        2, help="thick clones, restores and full wipes running at once (more queue); they run "
+        "outside the gRPC workers", metavar="N",
+    )
+    data_job_wait_seconds: float = option(
+        10.0, help="how long CreateVolume waits for its copy or full wipe before answering "
+        "ABORTED (pending) and letting it finish in the background; retries answer ABORTED with "
+        "the progress until it is done", metavar="SECONDS",
+    )
     clone_via_snapshot: bool = option(
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
         "consistent while the source is in use",
@@ -188,6 +197,8 @@ class CsiConfig:
                                self.thin_pool_metadata_threshold_percent)):
             if not 0 < percent <= 100:
                 raise ValueError(f"{what} must be above 0 and at most 100")
+        if self.max_data_jobs < 1 or self.data_job_wait_seconds < 0:
+            raise ValueError("max_data_jobs must be at least 1, data_job_wait_seconds >= 0")
         if self.vg_recheck_seconds < 0:
             raise ValueError("vg_recheck_seconds must not be negative")
         if self.capacity_refresh_seconds <= 0 or self.lvm_timeout_seconds <= 0:

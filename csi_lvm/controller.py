@@ -42,7 +42,8 @@ from csi_lvm.capacity import (
     thin_refusal,
 )
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
-from csi_lvm.locks import InFlight, thin_pool_key
+from csi_lvm.jobs import Jobs, Progress
+from csi_lvm.locks import Held, InFlight, thin_pool_key
 from csi_lvm.params import (
     P_WIPE,
     LvmType,
@@ -242,8 +243,9 @@ class Plan:
 class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
                  locks: InFlight | None = None,
-                 published: PublishedCapacity | None = None) -> None:
+                 published: PublishedCapacity | None = None, jobs: Jobs | None = None) -> None:
         self.cfg = config
+        self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds)
         self.published = published  # mode controller: what the nodes publish
         self._lvm = lvm
         self._cache = cache
@@ -472,22 +474,27 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv_name = volume_lv_name(name)
         ref = LvRef(params.vg, lv_name)
         shared = [f"lv:{source_id}"] if source_id else []
-        with log_context(volume_id=ref.id, volume_name=name), \
-                self.locks.hold(f"volume-name:{name}", f"lv:{ref.id}", shared=shared):
-            elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
-            if elsewhere is not None:
-                raise AlreadyExists(
-                    f"volume {name!r} already exists in volume group {elsewhere.vg} "
-                    f"({elsewhere.id}); a name identifies one volume across all of this "
-                    f"driver's volume groups, not {params.vg!r} too")
-            with contextlib.ExitStack() as stack:
-                vol = self._create_volume(stack, request, name, ref, params, caps, required,
-                                          limit, source_kind, source_id)
-            self._remember(ref)
+        self.jobs.check(ref.id)  # a background copy of this volume: ABORTED, never a second
+        held = self.locks.take(f"volume-name:{name}", f"lv:{ref.id}", shared=shared)
+        try:
+            with log_context(volume_id=ref.id, volume_name=name):
+                elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
+                if elsewhere is not None:
+                    raise AlreadyExists(
+                        f"volume {name!r} already exists in volume group {elsewhere.vg} "
+                        f"({elsewhere.id}); a name identifies one volume across all of this "
+                        f"driver's volume groups, not {params.vg!r} too")
+                self._remember(ref)
+                with contextlib.ExitStack() as stack:
+                    vol = self._create_volume(stack, held, request, name, ref, params, caps,
+                                              required, limit, source_kind, source_id)
+        finally:
+            if not held.handed:  # else the background job releases the keys when it ends
+                held.release()
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
-    def _create_volume(self, stack: contextlib.ExitStack, request: csi_pb2.CreateVolumeRequest,
-                       name: str, ref: LvRef,
+    def _create_volume(self, stack: contextlib.ExitStack, held: Held,
+                       request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
                        params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
                        required: int, limit: int, source_kind: str, source_id: str,
                        ) -> csi_pb2.Volume:
@@ -572,16 +579,28 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         stack.close()  # the new LV is in the pool's accounting now: the next create may read it
         log.info("volume created", extra={"size": size, "lvm_type": params.lvm_type.value,
                                           "method": plan.method})
-        try:
-            self._populate(ref, size, plan, source, pool is not None)
-        except BaseException:
-            log.exception("filling the new volume failed; removing it")
+
+        def fill(progress: Progress | None = None) -> None:
+            self._populate(ref, size, plan, source, pool is not None, progress)
+            if plan.pending:
+                with lvm_errors(f"finishing {ref}"):
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+
+        def discard() -> None:
+            log.warning("filling the new volume failed; removing it")
             with contextlib.suppress(Exception):
                 self._discard_pending(ref, source)
-            raise
-        if plan.pending:
-            with lvm_errors(f"finishing {ref}"):
-                self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+
+        if self.live and (plan.method == "copy" or plan.wipe == "full"):
+            # Minutes for a large volume: a background job, not this gRPC worker.
+            self.jobs.run(ref.id, "copy" if plan.method == "copy" else "wipe", size, fill,
+                          held, on_failure=discard)
+        else:
+            try:
+                fill()
+            except BaseException:
+                discard()
+                raise
         vol = csi_pb2.Volume(volume_id=ref.id, capacity_bytes=size, volume_context=ctx,
                              accessible_topology=self._topology())
         if request.HasField("volume_content_source"):
@@ -667,7 +686,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                           stripe_size=params.stripe_size, thin_pool=params.thin_pool)
 
     def _populate(self, ref: LvRef, size: int, plan: Plan, source: Source | None,
-                  thin: bool) -> None:
+                  thin: bool, progress: Progress | None = None) -> None:
         if not self.live:
             if plan.wipe or plan.method != "plain":
                 log.info("no device-mapper: the LV is inactive and cannot be written here")
@@ -680,46 +699,93 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         blockdev.wait_for_device(path)
         if plan.method == "copy":
             assert source is not None
-            self._copy_from(source, ref, size, thin)
+            self._copy_from(source, ref, size, thin, progress)
         elif plan.wipe == "full":
-            blockdev.zero_range(path, 0, size)
+            blockdev.zero_range(path, 0, size, progress=progress)
         elif plan.wipe == "header":
             blockdev.zero_head_and_tail(path, size)
 
-    def _copy_from(self, source: Source, target: LvRef, size: int, thin_target: bool) -> None:
-        length = source.size
-        read_ref = source.ref
-        temporary: LvRef | None = None
-        if source.kind == KIND_VOLUME and (source.lv.is_thin or self.cfg.clone_via_snapshot):
-            # A snapshot gives a consistent image while the source stays in use.
-            temporary = LvRef(source.ref.vg, temporary_lv_name(target.lv))
-            cow: int | None = None
-            if not source.lv.is_thin:
-                vg = self.cache.vg(source.ref.vg)
-                extent = vg.extent_size if vg else 4 << 20
-                cow = round_up(min(max(source.lv.size // 10, 64 << 20), source.lv.size), extent)
+    def _copy_from(self, source: Source, target: LvRef, size: int, thin_target: bool,
+                   progress: Progress | None = None) -> None:
+        if not (source.kind == KIND_VOLUME
+                and (source.lv.is_thin or self.cfg.clone_via_snapshot)):
+            # A snapshot is read as it is; a volume without a snapshot as it is now.
+            self._copy_image(source, source.ref, target, size, thin_target, progress,
+                             activate=not source.lv.is_active)
+            return
+        # A snapshot gives a consistent image while the source stays in use. A thick one gets
+        # a copy-on-write area as large as the source (nothing the origin writes can overflow
+        # it) when the VG has the room; a smaller one that overflows is retried larger.
+        cow = None if source.lv.is_thin else self._cow_size(source, 0)
+        temporary = LvRef(source.ref.vg, temporary_lv_name(target.lv))
+        while True:
             tags = build_tags(self.cfg.driver_name, kind=KIND_TEMPORARY,
                               csi_name=f"clone:{target.id}", created=int(time.time()))
             with lvm_errors(f"creating the temporary snapshot {temporary}"):
                 self.lvm.create_snapshot(source.ref.vg, source.ref.lv, temporary.lv,
                                          size_bytes=cow, tags=tags)
             self.cache.invalidate()
-            read_ref = temporary
-        try:
-            # Thin snapshots (ours, or a thin temporary) skip activation; a thick COW
-            # snapshot is active with its origin.
-            thin_read = source.lv.is_thin if temporary is not None else not source.lv.is_active
-            if thin_read:
-                with lvm_errors(f"activating {read_ref}"):
-                    self.lvm.activate(read_ref.vg, read_ref.lv, ignore_skip=True)
-            blockdev.wait_for_device(read_ref.device_path)
-            blockdev.copy(read_ref.device_path, target.device_path, length,
-                          skip_zero_chunks=thin_target)
-            if size > length and not thin_target:
-                blockdev.zero_range(target.device_path, length, size - length)
-        finally:
-            if temporary is not None:
+            overflowed = False
+            try:
+                try:
+                    self._copy_image(source, temporary, target, size, thin_target, progress,
+                                     activate=source.lv.is_thin)
+                except (OSError, blockdev.BlockDeviceError):
+                    overflowed = cow is not None and self._overflowed(temporary)
+                    if not overflowed:
+                        raise
+                else:
+                    overflowed = cow is not None and self._overflowed(temporary)
+            finally:
                 self._remove(temporary, f"removing the temporary snapshot {temporary}")
+            if not overflowed:
+                return
+            assert cow is not None
+            larger = self._cow_size(source, cow)
+            if larger <= cow:
+                raise Unavailable(
+                    f"source volume {source.ref} changed more than its {cow}-byte copy-on-write "
+                    "area holds while it was copied, and its volume group has no room for a "
+                    "larger one; retry when it is less busy")
+            log.warning("the source changed faster than the copy-on-write area held; copying "
+                        "again with a larger one", extra={"cow_bytes": cow, "next": larger})
+            if thin_target and not blockdev.discard(target.device_path, size):
+                # The next copy skips zero chunks: the target must read as zeros again.
+                blockdev.zero_range(target.device_path, 0, size)
+            cow = larger
+
+    def _cow_size(self, source: Source, tried: int) -> int:
+        """COW bytes for a temporary snapshot of a thick source: its size plus an extent of
+        exception metadata (it can then never overflow), else 4x what overflowed, else what
+        the VG has free."""
+        with lvm_errors("reading the volume group"):
+            vg = self.cache.vg(source.ref.vg, fresh=True)
+        extent = vg.extent_size if vg else 4 << 20
+        full = round_up(source.lv.size + extent, extent)
+        wanted = full if not tried else min(full, 4 * tried)
+        free = vg.free if vg else wanted
+        return max(extent, min(wanted, free // extent * extent))
+
+    def _overflowed(self, snapshot: LvRef) -> bool:
+        with lvm_errors(f"reading the temporary snapshot {snapshot}"):
+            lv = self.lvm.get_lv(snapshot.vg, snapshot.lv)
+        return lv is not None and (lv.attr.invalid_snapshot or (lv.data_percent or 0) >= 100)
+
+    def _copy_image(self, source: Source, read_ref: LvRef, target: LvRef, size: int,
+                    thin_target: bool, progress: Progress | None, *, activate: bool) -> None:
+        # Thin snapshots (ours, or a thin temporary) skip activation; a thick COW snapshot
+        # is active with its origin.
+        if activate:
+            with lvm_errors(f"activating {read_ref}"):
+                self.lvm.activate(read_ref.vg, read_ref.lv, ignore_skip=True)
+        blockdev.wait_for_device(read_ref.device_path)
+        length = source.size
+        blockdev.copy(read_ref.device_path, target.device_path, length,
+                      skip_zero_chunks=thin_target, progress=progress)
+        if size > length and not thin_target:
+            blockdev.zero_range(target.device_path, length, size - length)
+        if progress is not None:
+            progress(size)
 
     # ------------------------------------------------------------------ DeleteVolume
 

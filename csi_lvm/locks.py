@@ -48,6 +48,15 @@ class InFlight:
     @contextlib.contextmanager
     def hold(self, *keys: str, shared: Sequence[str] = ()) -> Iterator[None]:
         """Hold every key (exclusive) and every shared key, or raise Aborted without holding any."""
+        held = self.take(*keys, shared=shared)
+        try:
+            yield
+        finally:
+            held.release()
+
+    def take(self, *keys: str, shared: Sequence[str] = ()) -> Held:
+        """hold() without the `with`: the keys stay held until the returned Held is released,
+        possibly by another thread (a background job inherits the keys of its RPC)."""
         exclusive = list(dict.fromkeys(keys))
         shared_keys = [k for k in dict.fromkeys(shared) if k not in exclusive]
         with self._lock:
@@ -60,18 +69,37 @@ class InFlight:
             self._exclusive.update(exclusive)
             for key in shared_keys:
                 self._shared[key] = self._shared.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._exclusive.difference_update(exclusive)
-                for key in shared_keys:
-                    left = self._shared[key] - 1
-                    if left:
-                        self._shared[key] = left
-                    else:
-                        del self._shared[key]
+        return Held(self, exclusive, shared_keys)
+
+    def _release(self, exclusive: list[str], shared_keys: list[str]) -> None:
+        with self._lock:
+            self._exclusive.difference_update(exclusive)
+            for key in shared_keys:
+                left = self._shared[key] - 1
+                if left:
+                    self._shared[key] = left
+                else:
+                    del self._shared[key]
 
     def busy(self) -> list[str]:
         with self._lock:
             return sorted(self._exclusive | set(self._shared))
+
+
+class Held:
+    """Keys taken with InFlight.take(); release() once (later calls do nothing)."""
+
+    def __init__(self, owner: InFlight, exclusive: list[str], shared: list[str]) -> None:
+        self._owner = owner
+        self._keys: tuple[list[str], list[str]] | None = (exclusive, shared)
+        self._lock = threading.Lock()
+        self.handed = False  # a background job now owns the keys (and releases them)
+
+    def hand_over(self) -> None:
+        self.handed = True
+
+    def release(self) -> None:
+        with self._lock:
+            keys, self._keys = self._keys, None
+        if keys is not None:
+            self._owner._release(*keys)

@@ -13,6 +13,7 @@ from csi_lvm.capacity import CapacityCache, LvmCollector, PoolThresholds
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.identity import Identity
+from csi_lvm.jobs import Jobs
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
@@ -69,8 +70,9 @@ class Driver:
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
         self.identity = Identity(config, self.lvm)
+        self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds, self.registry)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
-                                     published_capacity(config))
+                                     published_capacity(config), self.jobs)
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),
