@@ -61,7 +61,10 @@ from csi_lvm.volume import (
     KIND_SNAPSHOT,
     KIND_TEMPORARY,
     KIND_VOLUME,
+    PLAIN_CONTEXT_KEYS,
+    TAG_KIND,
     TAG_PENDING,
+    TAG_PLAIN_DELETE,
     InvalidId,
     LvRef,
     Ownership,
@@ -560,6 +563,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
                           created=int(time.time()), size=size, source=source_tag, context=ctx,
                           pending=plan.pending)
+        if set(ctx) <= PLAIN_CONTEXT_KEYS:  # no wipe on delete, nothing else to undo
+            tags.append(TAG_PLAIN_DELETE)
         for attempt in (1, 2):
             try:
                 self._make_lv(ref, size, params, stripes, tags, plan, source)
@@ -799,6 +804,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         except InvalidId:
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
         with log_context(volume_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
+            if self._removed_at_once(ref):
+                return csi_pb2.DeleteVolumeResponse()
             found = self._get(ref)
             if found is None:
                 return csi_pb2.DeleteVolumeResponse()
@@ -816,6 +823,34 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self._remove(ref, f"removing {ref}")
             log.info("volume deleted", extra={"wipe": wipe})
         return csi_pb2.DeleteVolumeResponse()
+
+    def _removed_at_once(self, ref: LvRef) -> bool:
+        """Delete at the speed of lvremove: ONE `lvremove --select` that matches only our own
+        plain-delete volume (owner, kind and plain-delete tags; no thick snapshot origin).
+        False sends the caller down the full path (lookup, checks, wipe, lvremove): nothing
+        matched, LVM refused, or a check below wants the full path."""
+        if not self._may_remove_at_once(ref):
+            return False
+        tags = [self.owner, TAG_KIND + KIND_VOLUME, TAG_PLAIN_DELETE]
+        try:
+            removed = self.lvm.lvremove_if_tagged(ref.vg, ref.lv, tags)
+        except LvmError as exc:
+            if not _refusal(exc):
+                raise lvm_failure(exc, f"removing {ref}") from exc
+            log.info("one-step removal refused; taking the full path",
+                     extra={"error": exc.message})
+            return False
+        finally:
+            self.cache.invalidate()
+        if removed:
+            self._forget(ref)
+            log.info("volume deleted", extra={"wipe": "none", "path": "one lvremove"})
+        return removed
+
+    def _may_remove_at_once(self, ref: LvRef) -> bool:
+        """Checks that need no LVM process and decide before the one-step removal (the in-use
+        checks go here: an in-use volume takes the full path, which refuses it)."""
+        return True
 
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
         if not self.live:

@@ -166,3 +166,42 @@ def test_a_controller_only_instance_refuses_growth_beyond_what_the_node_publishe
     assert expand(csi, "vg1/pvc-b", 8192 * MiB).capacity_bytes == 8192 * MiB
     # No PV with that handle: NOT_FOUND.
     assert code_of(lambda: expand(csi, "vg1/pvc-nope", 2048 * MiB)) == grpc.StatusCode.NOT_FOUND
+
+
+def _counting_lvm(tmp_path: Path) -> tuple[list[str], Path]:
+    log = tmp_path / "lvm-calls"
+    wrapper = tmp_path / "lvm"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec lvm "$@"\n')
+    wrapper.chmod(0o755)
+    return [str(wrapper)], log
+
+
+def _calls(log: Path) -> list[str]:
+    return [c for c in log.read_text().split() if c != "fullreport"] if log.exists() else []
+
+
+def test_delete_of_a_plain_volume_is_one_lvremove_and_others_take_the_full_path(
+        csi_factory: Callable[..., CsiRig], tmp_path: Path) -> None:
+    command, log = _counting_lvm(tmp_path)
+    csi = csi_factory(lvm_command=command)
+    plain = csi.controller.CreateVolume(create_request("pvc-plain")).volume
+    wiped = csi.controller.CreateVolume(create_request("pvc-wiped", wipeOnDelete="zero")).volume
+    log.unlink()
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=plain.volume_id))
+    assert _calls(log) == ["lvremove"]  # no lookup: the ownership condition rides along
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-plain") is None
+    log.unlink()
+    # A volume with a wipe policy (or one made before the plain-delete tag existed) is looked
+    # up first, then wiped (where device-mapper exists) and removed.
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=wiped.volume_id))
+    assert _calls(log) == ["lvremove", "lvs", "lvremove"]
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-wiped") is None
+    csi.lvm.lvcreate(csi.vg.name, "pvc-older", 4 * MiB, tags=[
+        csi.owner_tag, "csi-lvm.edge.io/kind=volume",
+        "csi-lvm.edge.io/name=cHZjLW9sZGVy"])
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{csi.vg.name}/pvc-older"))
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-older") is None
+    # Idempotent: a second delete finds nothing (one lvremove matching nothing, one lookup).
+    log.unlink()
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=plain.volume_id))
+    assert _calls(log) == ["lvremove", "lvs"]
