@@ -803,26 +803,43 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             ref = parse_id(request.volume_id)
         except InvalidId:
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
-        with log_context(volume_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
-            if self._removed_at_once(ref):
-                return csi_pb2.DeleteVolumeResponse()
-            found = self._get(ref)
-            if found is None:
-                return csi_pb2.DeleteVolumeResponse()
-            lv, own = found
-            if not own.owned or own.kind != KIND_VOLUME:
-                log.info("DeleteVolume for an LV this driver does not own: nothing to do")
-                return csi_pb2.DeleteVolumeResponse()
-            if lv.attr.origin:
-                raise ServiceError(
-                    f"volume {ref} has copy-on-write snapshots; delete them first",
-                    grpc.StatusCode.FAILED_PRECONDITION)
-            wipe = own.context.get(P_WIPE, "none")
+        self.jobs.check(ref.id)  # its wipe still running in the background: ABORTED
+        held = self.locks.take(f"lv:{ref.id}")
+        try:
+            with log_context(volume_id=ref.id):
+                self._delete_volume(ref, held)
+        finally:
+            if not held.handed:  # else the background wipe releases the key when it ends
+                held.release()
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _delete_volume(self, ref: LvRef, held: Held) -> None:
+        if self._removed_at_once(ref):
+            return
+        found = self._get(ref)
+        if found is None:
+            return
+        lv, own = found
+        if not own.owned or own.kind != KIND_VOLUME:
+            log.info("DeleteVolume for an LV this driver does not own: nothing to do")
+            return
+        if lv.attr.origin:
+            raise ServiceError(
+                f"volume {ref} has copy-on-write snapshots; delete them first",
+                grpc.StatusCode.FAILED_PRECONDITION)
+        wipe = own.context.get(P_WIPE, "none")
+
+        def wipe_and_remove(progress: Progress | None = None) -> None:
             if wipe != "none" and not own.pending:
-                self._wipe(ref, lv, wipe)
+                self._wipe(ref, lv, wipe, progress)
             self._remove(ref, f"removing {ref}")
             log.info("volume deleted", extra={"wipe": wipe})
-        return csi_pb2.DeleteVolumeResponse()
+
+        if self.live and wipe == "zero" and not lv.is_thin and not own.pending:
+            # Zeroing every extent takes minutes on a large LV: a background job.
+            self.jobs.run(ref.id, "wipe", lv.size, wipe_and_remove, held)
+        else:
+            wipe_and_remove()
 
     def _removed_at_once(self, ref: LvRef) -> bool:
         """Delete at the speed of lvremove: ONE `lvremove --select` that matches only our own
@@ -852,7 +869,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         checks go here: an in-use volume takes the full path, which refuses it)."""
         return True
 
-    def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
+    def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str,
+              progress: Progress | None = None) -> None:
         if not self.live:
             log.warning("no device-mapper: cannot wipe the data before removal")
             return
@@ -865,7 +883,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
                 blockdev.zero_range(ref.device_path, 0, lv.size)
         else:
-            blockdev.zero_range(ref.device_path, 0, lv.size)
+            blockdev.zero_range(ref.device_path, 0, lv.size, progress=progress)
 
     # ------------------------------------------------------------------ Expand
 

@@ -459,3 +459,56 @@ def test_a_restore_into_four_times_the_source_has_a_filesystem_as_large_as_its_d
             volume_id=big.volume_id, target_path=target))
     delete(kcsi, big.volume_id, src.volume_id, snapshots=(snap.snapshot_id,))
     assert kcsi.ours() == {}
+
+
+@pytest.mark.timeout(1200)  # 1 GiB through an emulated CPU
+def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_wait(
+        plain_vg: str, lvm: Lvm) -> None:
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(plain_vg, lvm, sock_dir, data_job_wait_seconds=0.5)
+    try:
+        identity = csi_pb2_grpc.IdentityStub(csi.channel)
+        src = csi.ctl.CreateVolume(create_request("pvc-big-src", required=1024 * MiB,
+                                                  caps=[mount_cap()])).volume
+        write(src.volume_id, PATTERN_A, 0)
+        write(src.volume_id, PATTERN_B, 1024 * MiB - len(PATTERN_B))
+        req = create_request("pvc-big-clone", required=1024 * MiB, caps=[block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+        with pytest.raises(grpc.RpcError) as first:
+            csi.ctl.CreateVolume(req)
+        assert first.value.code() == grpc.StatusCode.ABORTED  # pending: copying in the background
+        probes: list[float] = []
+        retries: list[str] = []
+        deadline = time.monotonic() + 600
+        clone = None
+        while clone is None:
+            assert time.monotonic() < deadline, "the background copy never finished"
+            for _ in range(10):
+                start = time.perf_counter()
+                assert identity.Probe(csi_pb2.ProbeRequest(), timeout=30).ready.value
+                probes.append(time.perf_counter() - start)
+                time.sleep(0.05)
+            try:
+                clone = csi.ctl.CreateVolume(req).volume
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED, err.details()
+                retries.append(err.details() or "")
+        assert retries and all("in progress" in r or "queued" in r for r in retries)
+        # One copy, however many retries: 1 GiB copied once.
+        copied = csi.driver.registry.get_sample_value("csi_lvm_data_job_bytes_total",
+                                                      {"kind": "copy"})
+        assert copied == 1024 * MiB
+        assert read(clone.volume_id, len(PATTERN_A)) == PATTERN_A
+        assert read(clone.volume_id, len(PATTERN_B), 1024 * MiB - len(PATTERN_B)) == PATTERN_B
+        probes.sort()
+        print(f"Probe during a 1 GiB clone: {len(probes)} calls, p50 "
+              f"{probes[len(probes) // 2] * 1000:.1f} ms, max {probes[-1] * 1000:.1f} ms; "
+              f"{len(retries)} retries answered ABORTED")
+        delete(csi, clone.volume_id, src.volume_id)
+        assert csi.ours() == {}
+    finally:
+        csi.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
