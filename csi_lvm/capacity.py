@@ -241,6 +241,13 @@ class CapacityCache:
             return self.refresh()
         return report
 
+    def recent(self, max_age: float) -> LvmReport | None:
+        """The last report when it was read from LVM within max_age seconds (else None)."""
+        with self._state:
+            if self._report is None or time.monotonic() - self._taken > max_age:
+                return None
+            return self._report
+
     def cached(self) -> LvmReport | None:
         with self._state:
             return self._report

@@ -69,7 +69,7 @@ class Driver:
                                         PoolThresholds.of(config), config.node_id)
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
-        self.identity = Identity(config, self.lvm)
+        self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds, self.registry)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs)
