@@ -3,17 +3,22 @@
 Every RPC checks its arguments first (INVALID_ARGUMENT before any lookup), then takes its
 in-flight keys (a concurrent call for the same name or volume gets ABORTED), then works.
 
-Crash safety (SIGKILL at any point, then restart and retry, converges):
-- A plain CreateVolume is ONE lvcreate carrying every tag (ownership, name, context): LVM commits
-  it atomically, so after a crash the LV either does not exist (the retry creates it) or is
-  complete (the retry finds it by its derived name and returns it).
+Crash and fault safety (SIGKILL at any point, or a fault inside one LVM command, then restart
+and retry, converges; see csi_lvm/finish.py, facts.py, inuse.py, recovery.py):
+- Every LV is born `unfinished` (tag set by its own lvcreate): LVM commits the metadata before
+  it wipes the LV, so a killed lvcreate can leave a tagged LV holding an earlier tenant's
+  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before anyone
+  reads it: the first publish, a snapshot or clone of it, or a CreateVolume retry. A plain
+  CreateVolume stays ONE lvcreate; its first use pays the finishing lvchange.
 - A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
-  volume) creates it with the `pending` tag and removes the tag as its last step. A pending LV
-  was never handed out: the retry (or the start-up sweep) removes it and starts over.
+  volume) creates it `pending` too and removes both tags in one lvchange as its last step.
+  A pending LV was never handed out: the retry (or the start-up sweep) removes and redoes it.
   Temporary snapshots used while cloning are kind=temporary and removed the same way.
-- DeleteVolume/DeleteSnapshot (lvremove) and ControllerExpandVolume (lvextend to an absolute
-  size) are single idempotent LVM commands; a wipe before lvremove is simply redone.
-- CreateSnapshot is one lvcreate --snapshot with every tag.
+- A snapshot is served only when LVM's facts (snapshot / thin volume, origin = the source)
+  agree with its tags; a thick lvcreate killed between its two commits is removed and redone.
+- DeleteVolume refuses a volume in use (FAILED_PRECONDITION: open, mounted, bound, held).
+- A state-changing LVM command is never killed on timeout (ABORTED, volume kept locked until
+  it ends); the start-up sweep refreshes LVs left suspended or half-resized.
 The driver never lists, changes or removes an LV without its ownership tag.
 """
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_lvm import blockdev
+from csi_lvm import blockdev, finish, inuse
 from csi_lvm.capabilities import capability_error, is_block
 from csi_lvm.capacity import (
     CapacityCache,
@@ -42,6 +47,7 @@ from csi_lvm.capacity import (
     thin_refusal,
 )
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
+from csi_lvm.facts import snapshot_is_real
 from csi_lvm.jobs import Jobs, Progress
 from csi_lvm.locks import Held, InFlight, thin_pool_key
 from csi_lvm.params import (
@@ -65,6 +71,7 @@ from csi_lvm.volume import (
     TAG_KIND,
     TAG_PENDING,
     TAG_PLAIN_DELETE,
+    TAG_UNFINISHED,
     InvalidId,
     LvRef,
     Ownership,
@@ -77,7 +84,9 @@ from csi_lvm.volume import (
     temporary_lv_name,
     volume_lv_name,
 )
+from edge_common.devmapper import DmError
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -96,6 +105,7 @@ from edge_common.lvm import (
     LvmCommandNotFound,
     LvmError,
     LvmReport,
+    LvmStillRunning,
     LvmTimeout,
 )
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
@@ -119,6 +129,8 @@ _HEALTH = {
 
 def lvm_failure(exc: LvmError, doing: str) -> ServiceError:
     """One place that turns an LVM failure into a CSI status."""
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"{doing}: {exc.message}; the volume stays locked until it ends, retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"{doing}: {exc.message}; the outcome is unknown, retry")
     if isinstance(exc, LvmCommandNotFound):
@@ -299,6 +311,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv, own = found
         if not own.owned or own.kind != kind or own.pending:
             return None
+        if kind == KIND_SNAPSHOT and not snapshot_is_real(lv, own):
+            log.warning("an unfinished snapshot leftover is not served", extra={"lv": ref.id})
+            return None
         return lv, own
 
     def _owned_lvs(self) -> list[tuple[LogicalVolume, Ownership]]:
@@ -317,6 +332,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         try:
             self.lvm.lvremove(ref.vg, ref.lv)
         except LvmError as exc:
+            if exc.is_in_use():
+                raise FailedPrecondition(f"{doing}: LVM says it is in use: {exc.message}") \
+                    from exc
             if not exc.is_not_found():
                 raise lvm_failure(exc, doing) from exc
         finally:
@@ -478,22 +496,20 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         ref = LvRef(params.vg, lv_name)
         shared = [f"lv:{source_id}"] if source_id else []
         self.jobs.check(ref.id)  # a background copy of this volume: ABORTED, never a second
+        # The keys go to the background job when the fill outlasts this call (it releases
+        # them when it ends); else they are released here.
         held = self.locks.take(f"volume-name:{name}", f"lv:{ref.id}", shared=shared)
-        try:
-            with log_context(volume_id=ref.id, volume_name=name):
-                elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
-                if elsewhere is not None:
-                    raise AlreadyExists(
-                        f"volume {name!r} already exists in volume group {elsewhere.vg} "
-                        f"({elsewhere.id}); a name identifies one volume across all of this "
-                        f"driver's volume groups, not {params.vg!r} too")
-                self._remember(ref)
-                with contextlib.ExitStack() as stack:
-                    vol = self._create_volume(stack, held, request, name, ref, params, caps,
-                                              required, limit, source_kind, source_id)
-        finally:
-            if not held.handed:  # else the background job releases the keys when it ends
-                held.release()
+        with held.scope(), log_context(volume_id=ref.id, volume_name=name):
+            elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
+            if elsewhere is not None:
+                raise AlreadyExists(
+                    f"volume {name!r} already exists in volume group {elsewhere.vg} "
+                    f"({elsewhere.id}); a name identifies one volume across all of this "
+                    f"driver's volume groups, not {params.vg!r} too")
+            self._remember(ref)
+            with contextlib.ExitStack() as stack:
+                vol = self._create_volume(stack, held, request, name, ref, params, caps,
+                                          required, limit, source_kind, source_id)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
     def _create_volume(self, stack: contextlib.ExitStack, held: Held,
@@ -507,6 +523,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise ResourceExhausted(
                 f"volume group {params.vg!r} does not exist on node {self.cfg.node_id}")
         source = self._resolve_source(source_kind, source_id) if source_kind else None
+        if source is not None and source.kind == KIND_VOLUME and source.own.unfinished:
+            self._finish(source.ref, source.lv)  # a clone must not copy foreign data
         ctx = params.context(ref.lv)
         source_tag = source.tag if source else ""
 
@@ -587,7 +605,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         def fill(progress: Progress | None = None) -> None:
             self._populate(ref, size, plan, source, pool is not None, progress)
-            if plan.pending:
+            if plan.pending and self.live:
+                # Filled (copied or zeroed whole) by the driver itself: finished in the same
+                # lvchange that ends `pending`. Plain volumes are finished by their first use.
+                with lvm_errors(f"finishing {ref}"):
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING, TAG_UNFINISHED])
+            elif plan.pending:
                 with lvm_errors(f"finishing {ref}"):
                     self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
 
@@ -664,7 +687,29 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not size_fits(lv.size, required, limit):
             raise AlreadyExists(f"volume {name!r} exists with {lv.size} bytes, outside the "
                                 f"requested capacity range")
+        if own.unfinished:
+            self._finish(ref, lv)
         return self._volume_msg(ref, lv, own)
+
+    def _finish(self, ref: LvRef, lv: LogicalVolume) -> None:
+        """Make an unfinished volume (never used: e.g. its lvcreate was killed before its own
+        wipe) safe and mark it finished; without device-mapper its first activation will."""
+        if not self.live:
+            return
+        log.info("finishing a volume that was never made safe", extra={"volume_id": ref.id})
+        with lvm_errors(f"activating {ref} to finish it"):
+            if not lv.is_active:
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        try:
+            with lvm_errors(f"finishing {ref}"):
+                finish.finish(self.lvm, ref, lv.size)
+        except blockdev.DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {ref} was never finished and is in use: "
+                                     f"{exc}") from exc
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"finishing {ref}: {exc}") from exc
+        finally:
+            self.cache.invalidate()
 
     def _discard_pending(self, ref: LvRef, source: Source | None) -> None:
         """Remove an unfinished volume and its temporary snapshot (never handed out)."""
@@ -805,12 +850,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
         self.jobs.check(ref.id)  # its wipe still running in the background: ABORTED
         held = self.locks.take(f"lv:{ref.id}")
-        try:
-            with log_context(volume_id=ref.id):
-                self._delete_volume(ref, held)
-        finally:
-            if not held.handed:  # else the background wipe releases the key when it ends
-                held.release()
+        with held.scope(), log_context(volume_id=ref.id):
+            self._delete_volume(ref, held)
         return csi_pb2.DeleteVolumeResponse()
 
     def _delete_volume(self, ref: LvRef, held: Held) -> None:
@@ -827,15 +868,17 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise ServiceError(
                 f"volume {ref} has copy-on-write snapshots; delete them first",
                 grpc.StatusCode.FAILED_PRECONDITION)
+        self._refuse_in_use(ref)
         wipe = own.context.get(P_WIPE, "none")
+        wiping = wipe != "none" and not own.pending and not own.unfinished
 
         def wipe_and_remove(progress: Progress | None = None) -> None:
-            if wipe != "none" and not own.pending:
+            if wiping:
                 self._wipe(ref, lv, wipe, progress)
             self._remove(ref, f"removing {ref}")
-            log.info("volume deleted", extra={"wipe": wipe})
+            log.info("volume deleted", extra={"wipe": wipe if wiping else "none"})
 
-        if self.live and wipe == "zero" and not lv.is_thin and not own.pending:
+        if self.live and wiping and wipe == "zero" and not lv.is_thin:
             # Zeroing every extent takes minutes on a large LV: a background job.
             self.jobs.run(ref.id, "wipe", lv.size, wipe_and_remove, held)
         else:
@@ -845,7 +888,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         """Delete at the speed of lvremove: ONE `lvremove --select` that matches only our own
         plain-delete volume (owner, kind and plain-delete tags; no thick snapshot origin).
         False sends the caller down the full path (lookup, checks, wipe, lvremove): nothing
-        matched, LVM refused, or a check below wants the full path."""
+        matched, LVM refused, or the volume may be in use."""
         if not self._may_remove_at_once(ref):
             return False
         tags = [self.owner, TAG_KIND + KIND_VOLUME, TAG_PLAIN_DELETE]
@@ -865,9 +908,24 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return removed
 
     def _may_remove_at_once(self, ref: LvRef) -> bool:
-        """Checks that need no LVM process and decide before the one-step removal (the in-use
-        checks go here: an in-use volume takes the full path, which refuses it)."""
-        return True
+        """The in-use checks, which need no LVM process, decide first: a volume that is open,
+        mounted, published or held (or whose state the kernel does not tell) takes the full
+        path, which refuses it with FAILED_PRECONDITION (or UNAVAILABLE) after the lookup."""
+        try:
+            return not inuse.volume_usage(ref.vg, ref.lv).in_use
+        except (DmError, OSError):
+            return False
+
+    def _refuse_in_use(self, ref: LvRef) -> None:
+        """FAILED_PRECONDITION (the spec's code for "in use") when the volume is open, mounted,
+        published or held: nothing is wiped or removed."""
+        try:
+            usage = inuse.volume_usage(ref.vg, ref.lv)
+        except (DmError, OSError) as exc:
+            raise Unavailable(f"cannot tell whether {ref} is in use: {exc}") from exc
+        if usage.in_use:
+            raise FailedPrecondition(f"volume {ref} is in use ({usage.describe()}); unpublish "
+                                     "it and stop what uses it, then retry")
 
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str,
               progress: Progress | None = None) -> None:
@@ -877,13 +935,18 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not lv.is_active:
             with lvm_errors(f"activating {ref} to wipe it"):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
-        blockdev.wait_for_device(ref.device_path)
-        if how == "discard" or lv.is_thin:
-            # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
-            if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
-                blockdev.zero_range(ref.device_path, 0, lv.size)
-        else:
-            blockdev.zero_range(ref.device_path, 0, lv.size, progress=progress)
+        try:
+            blockdev.wait_for_device(ref.device_path)
+            if how == "discard" or lv.is_thin:
+                # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
+                if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
+                    blockdev.zero_range(ref.device_path, 0, lv.size)
+            else:
+                blockdev.zero_range(ref.device_path, 0, lv.size, progress=progress)
+        except blockdev.DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {ref} is in use: {exc}") from exc
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"wiping {ref} before removal: {exc}") from exc
 
     # ------------------------------------------------------------------ Expand
 
@@ -1120,15 +1183,22 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if own.source != source_tag:
                     raise AlreadyExists(f"snapshot {name!r} exists for another volume "
                                         f"({own.source_id})")
-                if own.pending:
+                if not snapshot_is_real(lv, own):
+                    log.warning("found an unfinished snapshot (not what its tags claim, "
+                                "per LVM); removing and redoing it")
                     self._remove(ref, f"removing the unfinished snapshot {ref}")
                 else:
+                    if own.unfinished:
+                        with lvm_errors(f"finishing snapshot {ref}"):
+                            self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
                     return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(ref, lv,
                                                                                       own))
             source = self._get_owned(src, KIND_VOLUME)
             if source is None:
                 raise NotFound(f"volume {src} does not exist on node {self.cfg.node_id}")
-            origin, _origin_own = source
+            origin, origin_own = source
+            if origin_own.unfinished:
+                self._finish(src, origin)  # a snapshot must not capture foreign data
             created = int(time.time())
             tags = build_tags(self.cfg.driver_name, kind=KIND_SNAPSHOT, csi_name=name,
                               created=created, size=origin.size, source=source_tag)
@@ -1145,6 +1215,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                                           self.cfg.thick_snapshot_percent)
             try:
                 self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
+                # lvcreate answered: it is a complete snapshot. Finished = its facts may be
+                # trusted even once the origin is gone (a thin snapshot outlives it).
+                self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
             except LvmError as exc:
                 raise lvm_failure(exc, f"creating snapshot {ref}") from exc
             finally:
@@ -1195,7 +1268,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.ListSnapshotsResponse()
         snapshots = {}
         for lv, own in self._owned_lvs():
-            if own.kind != KIND_SNAPSHOT or own.pending:
+            if own.kind != KIND_SNAPSHOT or not snapshot_is_real(lv, own):
                 continue
             ref = LvRef(lv.vg_name, lv.name)
             if request.snapshot_id and ref.id != request.snapshot_id:

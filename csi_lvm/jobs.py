@@ -141,7 +141,7 @@ class Jobs:
                 with self._lock:
                     if job.state == "done":
                         self._jobs.pop(job.key, None)
-                held.release()
+                held.release_after(job.error)
                 job.finished.set()
 
     def _work(self, job: Job, work: Callable[[Progress], None]) -> None:

@@ -4,6 +4,10 @@ The CSI spec asks for exactly this ("operation pending for volume": ABORTED) ins
 queueing: the CO retries with backoff, and a long copy keeps running for the first caller.
 Shared holders (e.g. several restores reading one snapshot) coexist; an exclusive holder
 (e.g. DeleteSnapshot) excludes everyone.
+
+A call that ends while one of its LVM changes still runs in the background (LvmStillRunning:
+changes are never killed) leaves its keys held until that command ends, so the next call for
+the volume gets ABORTED instead of racing the command, and then converges.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from edge_common.errors import Aborted
+from edge_common.lvm import still_running
 
 
 def thin_pool_key(vg: str, pool: str) -> str:
@@ -48,11 +53,8 @@ class InFlight:
     @contextlib.contextmanager
     def hold(self, *keys: str, shared: Sequence[str] = ()) -> Iterator[None]:
         """Hold every key (exclusive) and every shared key, or raise Aborted without holding any."""
-        held = self.take(*keys, shared=shared)
-        try:
+        with self.take(*keys, shared=shared).scope():
             yield
-        finally:
-            held.release()
 
     def take(self, *keys: str, shared: Sequence[str] = ()) -> Held:
         """hold() without the `with`: the keys stay held until the returned Held is released,
@@ -71,7 +73,7 @@ class InFlight:
                 self._shared[key] = self._shared.get(key, 0) + 1
         return Held(self, exclusive, shared_keys)
 
-    def _release(self, exclusive: list[str], shared_keys: list[str]) -> None:
+    def _release(self, exclusive: Sequence[str], shared_keys: Sequence[str]) -> None:
         with self._lock:
             self._exclusive.difference_update(exclusive)
             for key in shared_keys:
@@ -103,3 +105,24 @@ class Held:
             keys, self._keys = self._keys, None
         if keys is not None:
             self._owner._release(*keys)
+
+    def release_after(self, exc: BaseException | None) -> None:
+        """Release now, or, when exc says an LVM change still runs, once it has ended."""
+        running = still_running(exc) if exc is not None else None
+        if running is None:
+            self.release()
+        else:
+            running.finished.add_done_callback(lambda _done: self.release())
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Release on leaving (after a still-running LVM change, if one is left behind),
+        unless the keys were handed over to a background job meanwhile."""
+        try:
+            yield
+        except BaseException as exc:
+            if not self.handed:
+                self.release_after(exc)
+            raise
+        if not self.handed:
+            self.release()

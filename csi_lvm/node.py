@@ -47,11 +47,12 @@ from typing import Protocol
 import grpc
 
 from csi_lvm import filesystem
-from csi_lvm.blockdev import BlockDeviceError, wait_for_device
+from csi_lvm.blockdev import BlockDeviceError, DeviceBusy, wait_for_device
 from csi_lvm.capabilities import DEFAULT_FS_TYPE, capability_error, is_block, mode_name
 from csi_lvm.capacity import PoolThresholds, thin_refusal
 from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
+from csi_lvm.finish import finish as finish_volume
 from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.mounter import (
     InvalidMountOption,
@@ -64,6 +65,7 @@ from csi_lvm.mounter import (
 )
 from csi_lvm.stats import block_device_read_only, block_device_size, filesystem_usage
 from csi_lvm.volume import (
+    TAG_UNFINISHED,
     InvalidId,
     LvRef,
     VolumeContext,
@@ -72,6 +74,7 @@ from csi_lvm.volume import (
     split_mount_options,
 )
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -84,7 +87,7 @@ from edge_common.errors import (
     Unimplemented,
 )
 from edge_common.log import log_context
-from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmTimeout
+from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmStillRunning, LvmTimeout
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ class NodeVolume:
     problem: str | None = None  # LVM reports it unhealthy (for VolumeCondition)
     stripes: int = 1  # an LV grows by whole extents on every stripe
     thin: bool = False  # a thin LV grows without taking VG space
+    unfinished: bool = False  # never made safe yet: the first publish finishes it
     pool: str = ""  # the thin pool of a thin LV
 
 
@@ -132,6 +136,9 @@ class VolumeBackend(Protocol):
     def extend(self, volume: NodeVolume, required_bytes: int, limit_bytes: int) -> NodeVolume:
         """Grow to at least required_bytes (no-op when already there); returns it as it is now.
         Raises OutOfRange / ResourceExhausted (ServiceError) when it cannot."""
+
+    def finish(self, volume: NodeVolume) -> NodeVolume:
+        """Make an active, unfinished volume safe and mark it finished (csi_lvm/finish.py)."""
 
 
 def lv_problem(lv: LogicalVolume, pool: LogicalVolume | None = None,
@@ -173,12 +180,19 @@ class LvmVolumes:
             return None
         lv, context = found
         ref = parse_id(volume_id)
+        unfinished = TAG_UNFINISHED in lv.tags
         # A thin volume is as healthy as its pool: read the pool too (one more lvm call,
         # thin volumes only), so a pool past its threshold is never reported healthy.
         pool = self.lvm.get_lv(ref.vg, lv.pool_lv) if lv.is_thin and lv.pool_lv else None
         return NodeVolume(volume_id, ref.device_path, lv.size, lv.is_active, context,
                           lv_problem(lv, pool, self.thresholds), max(1, lv.stripes),
-                          lv.is_thin, lv.pool_lv or "")
+                          lv.is_thin, unfinished, lv.pool_lv or "")
+
+    def finish(self, volume: NodeVolume) -> NodeVolume:
+        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size)
+        if self.on_change is not None:
+            self.on_change()
+        return replace(volume, unfinished=False)
 
     def activate(self, volume: NodeVolume) -> NodeVolume:
         ref = parse_id(volume.volume_id)
@@ -297,6 +311,8 @@ def _check_range(required: int, limit: int) -> None:
 
 
 def _lvm_error(exc: LvmError) -> ServiceError:
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"LVM is still working on it in the background: {exc}; retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"LVM did not answer in time: {exc}")
     return Internal(f"LVM failed: {exc}")
@@ -400,6 +416,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise Internal(f"{vol.device_path} is not a block device")
         return vol
 
+    def _finish(self, vol: NodeVolume) -> NodeVolume:
+        """Its first use: wipe what an interrupted creation may have left, then mark it done."""
+        log.info("first use of a new volume: finishing it", extra={"device": vol.device_path})
+        try:
+            return self.volumes.finish(vol)
+        except LvmError as exc:
+            raise _lvm_error(exc) from None
+        except DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {vol.volume_id} was never finished and is in "
+                                     f"use: {exc}") from None
+        except BlockDeviceError as exc:
+            raise Internal(f"finishing volume {vol.volume_id}: {exc}") from None
+
     # ------------------------------------------------------------------ publish
 
     def NodePublishVolume(
@@ -422,6 +451,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
         with log_context(volume_id=volume_id, target=target), self.locks.hold(_lock_key(volume_id)):
             vol = self._active(self._volume(volume_id))
+            if vol.unfinished:
+                vol = self._finish(vol)
             if is_block(cap):
                 self._publish_block(vol, target, mode, read_only)
             else:

@@ -18,7 +18,7 @@ from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.published import PublishedCapacity
-from csi_lvm.recovery import sweep
+from csi_lvm.recovery import SweepMetrics, sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from edge_common.server import GrpcServer, RpcMetrics
@@ -58,7 +58,9 @@ class Driver:
         self.registry = registry or CollectorRegistry()
         self.lvm: Lvm | None = None
         self.cache: CapacityCache | None = None
+        self.sweep_metrics: SweepMetrics | None = None
         if config.mode is Mode.ALL:
+            self.sweep_metrics = SweepMetrics(self.registry)
             self.lvm = Lvm(lvm_settings(config))
             self.cache = CapacityCache(
                 self.lvm, config.capacity_refresh_seconds, config.thin_overprovision_ratio,
@@ -70,7 +72,8 @@ class Driver:
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
         self.identity = Identity(config, self.lvm, self.cache)
-        self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds, self.registry)
+        self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
+                         self.registry if config.mode is Mode.ALL else None)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs)
         register: list[Callable[[grpc.Server], None]] = [
@@ -95,9 +98,11 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            removed = sweep(self.lvm, self.config.driver_name)
-            if removed:
-                log.info("start-up sweep removed leftovers", extra={"removed": removed})
+            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics)
+            if swept.removed or swept.repaired or swept.failed:
+                log.info("start-up sweep", extra={"removed": swept.removed,
+                                                  "repaired": swept.repaired,
+                                                  "repair_failed": swept.failed})
             try:
                 self.cache.refresh()
             except LvmError as exc:
