@@ -1213,15 +1213,20 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 extent = vg.extent_size if vg else 4 << 20
                 cow = parse_snapshot_size(request.parameters, origin.size, extent,
                                           self.cfg.thick_snapshot_percent)
-            try:
-                self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
-                # lvcreate answered: it is a complete snapshot. Finished = its facts may be
-                # trusted even once the origin is gone (a thin snapshot outlives it).
-                self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
-            except LvmError as exc:
-                raise lvm_failure(exc, f"creating snapshot {ref}") from exc
-            finally:
-                self.cache.invalidate()
+            with contextlib.ExitStack() as stack:
+                if origin.is_thin and origin.pool_lv:
+                    # A thin snapshot is promised its origin's whole virtual size too.
+                    stack.enter_context(self._thin_room(src.vg, origin.pool_lv, origin.size,
+                                                        replacing=ref.lv))
+                try:
+                    self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
+                    # lvcreate answered: it is a complete snapshot. Finished = its facts may be
+                    # trusted even once the origin is gone (a thin snapshot outlives it).
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
+                except LvmError as exc:
+                    raise lvm_failure(exc, f"creating snapshot {ref}") from exc
+                finally:
+                    self.cache.invalidate()
             self._remember(ref)
             log.info("snapshot created", extra={"thin": cow is None, "cow_bytes": cow})
             snap = csi_pb2.Snapshot(size_bytes=origin.size, snapshot_id=ref.id,

@@ -395,6 +395,9 @@ def _thin_accounting(csi: KernelCsi, lvm: Lvm) -> None:
     b = create("pvc-b", 28 * MiB)
     cap = _capacity(csi)
     assert (cap.available_capacity, cap.maximum_volume_size.value) == (0, 0)
+    # A thin snapshot is promised its origin's size too: no room, no snapshot.
+    assert code(lambda: snapshot(csi, "snapshot-a", a.volume_id)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
     # Growing past the pool's room: the controller and the node (today's 4 GiB in 64 MiB).
     grow = csi_pb2.ControllerExpandVolumeRequest(
         volume_id=a.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
