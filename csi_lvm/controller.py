@@ -495,7 +495,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv_name = volume_lv_name(name)
         ref = LvRef(params.vg, lv_name)
         shared = [f"lv:{source_id}"] if source_id else []
-        self.jobs.check(ref.id)  # a background copy of this volume: ABORTED, never a second
+        self.jobs.check(ref.id, "create")  # its copy still running: ABORTED, never a second
         # The keys go to the background job when the fill outlasts this call (it releases
         # them when it ends); else they are released here.
         held = self.locks.take(f"volume-name:{name}", f"lv:{ref.id}", shared=shared)
@@ -621,7 +621,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         if self.live and (plan.method == "copy" or plan.wipe == "full"):
             # Minutes for a large volume: a background job, not this gRPC worker.
-            self.jobs.run(ref.id, "copy" if plan.method == "copy" else "wipe", size, fill,
+            self.jobs.run(ref.id, "create", "copy" if plan.method == "copy" else "wipe", size, fill,
                           held, on_failure=discard)
         else:
             try:
@@ -848,7 +848,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             ref = parse_id(request.volume_id)
         except InvalidId:
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
-        self.jobs.check(ref.id)  # its wipe still running in the background: ABORTED
+        self.jobs.check(ref.id, "delete")  # its wipe still running in the background: ABORTED
         held = self.locks.take(f"lv:{ref.id}")
         with held.scope(), log_context(volume_id=ref.id):
             self._delete_volume(ref, held)
@@ -880,7 +880,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         if self.live and wiping and wipe == "zero" and not lv.is_thin:
             # Zeroing every extent takes minutes on a large LV: a background job.
-            self.jobs.run(ref.id, "wipe", lv.size, wipe_and_remove, held)
+            self.jobs.run(ref.id, "delete", "wipe", lv.size, wipe_and_remove, held)
         else:
             wipe_and_remove()
 

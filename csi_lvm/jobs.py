@@ -37,6 +37,7 @@ LOG_EVERY_SECONDS = 30.0
 @dataclass
 class Job:
     key: str  # the volume id
+    op: str  # the RPC that started it: "create" | "delete"
     kind: str  # "copy" | "wipe"
     total: int  # bytes
     done: int = 0
@@ -73,9 +74,9 @@ class Jobs:
 
     # -------------------------------------------------------------- asking
 
-    def check(self, key: str) -> None:
-        """Before redoing work for `key`: ABORTED while a job for it exists; the error of a job
-        that failed since the last call (once)."""
+    def check(self, key: str, op: str) -> None:
+        """Before `op` works on volume `key`: ABORTED while a job for it exists; the error of a
+        job of the same op that failed since (once; another op's failure is dropped)."""
         with self._lock:
             job = self._jobs.get(key)
             if job is None:
@@ -83,7 +84,7 @@ class Jobs:
             if job.state in ("queued", "running"):
                 raise Aborted(f"volume {key}: {job.describe()}; retry later")
             del self._jobs[key]
-        if job.state == "failed" and job.error is not None:
+        if job.state == "failed" and job.error is not None and job.op == op:
             raise _as_service_error(job.error, f"the background {job.kind} of {key} failed")
 
     def running(self) -> list[Job]:
@@ -92,12 +93,12 @@ class Jobs:
 
     # -------------------------------------------------------------- running
 
-    def run(self, key: str, kind: str, total: int, work: Callable[[Progress], None],
+    def run(self, key: str, op: str, kind: str, total: int, work: Callable[[Progress], None],
             held: Held, *, on_failure: Callable[[], None] | None = None) -> None:
         """Run work(progress) as a job holding `held` (released when it ends). Returns when
         it finished within wait_seconds, raises its error when it failed then, and Aborted
         when it is still queued or running (it goes on; see check())."""
-        job = Job(key, kind, total)
+        job = Job(key, op, kind, total)
         with self._lock:
             if key in self._jobs:
                 raise Aborted(f"volume {key}: {self._jobs[key].describe()}; retry later")
