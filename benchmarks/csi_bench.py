@@ -81,6 +81,15 @@ def create_req(name: str) -> csi_pb2.CreateVolumeRequest:
 
 
 
+def start_driver(sock: str, vg: str, *extra: str) -> subprocess.Popen[bytes]:
+    """csi-lvm as its own process on a unix socket, default VG `vg`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "csi_lvm", "--endpoint", f"unix://{sock}",
+         "--node-id", "bench", "--driver-name", f"bench-{secrets.token_hex(3)}.csi.edge.io",
+         "--default-vg", vg, "--log-level", "WARNING", *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run(iterations: int, batch: int) -> dict[str, float]:
     lvm = Lvm(Lvm.settings_for_this_kernel(timeout=120))
     vg = f"bench{secrets.token_hex(3)}"
@@ -99,12 +108,7 @@ def run(iterations: int, batch: int) -> dict[str, float]:
 
             # 2. the driver, as its own process
             sock = f"{tmp}/csi.sock"
-            driver = f"bench-{secrets.token_hex(3)}.csi.edge.io"
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "csi_lvm", "--endpoint", f"unix://{sock}",
-                 "--node-id", "bench", "--driver-name", driver, "--default-vg", vg,
-                 "--log-level", "WARNING"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = start_driver(sock, vg)
             try:
                 channel = unix_channel(f"unix://{sock}")
                 grpc.channel_ready_future(channel).result(timeout=60)
@@ -192,12 +196,7 @@ def probe_during_clone(devices: list[str], clone_mib: int, probes: int) -> dict[
     try:
         with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp:
             sock = f"{tmp}/csi.sock"
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "csi_lvm", "--endpoint", f"unix://{sock}",
-                 "--node-id", "bench", "--driver-name", f"b{secrets.token_hex(3)}.csi.edge.io",
-                 "--default-vg", vg, "--log-level", "WARNING",
-                 "--data-job-wait-seconds", "1"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = start_driver(sock, vg, "--data-job-wait-seconds", "1")
             try:
                 channel = unix_channel(f"unix://{sock}")
                 grpc.channel_ready_future(channel).result(timeout=120)
