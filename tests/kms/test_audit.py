@@ -53,3 +53,27 @@ def test_no_audit_log_writes_nothing(local_backend_rig: BackendRig, start_plugin
         stub = service_pb2_grpc.KeyManagementServiceStub(ch)
         stub.Encrypt(service_pb2.EncryptRequest(plaintext=os.urandom(32), uid="u"), timeout=3)
     assert rp.plugin.audit is None and stream.getvalue() == ""
+
+
+def test_a_json_line_is_exactly_what_json_dumps_writes_even_for_hostile_uids() -> None:
+    import time
+
+    from kms_plugin.audit import AuditLog
+
+    log = AuditLog(stream=io.StringIO())
+    try:
+        for uid, error in (("0f8fad5b-d9cb-469f-a165-70867728950e", ""),
+                           ('u"\\\n\u00e9\u2028\x00', 'bad "input" \u00fc')):
+            entry = (time.time(), "v1beta1", "Decrypt", "INVALID_ARGUMENT" if error else "OK",
+                     uid, "sha256:" + "ab" * 32, error)
+            line = log.format(entry)
+            parsed = json.loads(line)
+            assert parsed["request_uid"] == uid
+            assert line == json.dumps({
+                "ts": parsed["ts"], "level": parsed["level"], "logger": "kms_plugin.audit",
+                "msg": "v1beta1 Decrypt" + (f" refused: {error}" if error else ""),
+                "request_uid": uid, "api": "v1beta1", "method": "Decrypt",
+                "code": entry[3], "key_id_hash": entry[5],
+            })
+    finally:
+        log.close()
