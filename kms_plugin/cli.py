@@ -60,9 +60,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from kms_plugin.plugin import Plugin
 
     harden_process()  # before any key is in memory
-    # hand the GIL over every 1 ms instead of 5: a Status call (kube-apiserver's health check)
-    # waits less behind busy request threads; the handlers are short, throughput barely moves
-    sys.setswitchinterval(0.001)
     config = _config(ns)
     _setup_logging(config)
     notifier = None
