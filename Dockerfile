@@ -32,10 +32,10 @@ LABEL org.opencontainers.image.title="edge-node-services" \
       org.opencontainers.image.licenses="Apache-2.0"
 # lvm2: LVM (also used through nsenter on the host); e2fsprogs/xfsprogs: mkfs, resize2fs,
 # xfs_growfs; util-linux: blkid, wipefs, nsenter, lsblk, blockdev; mount: mount/umount;
-# libudev1: pyudev; ca-certificates: TLS to a cloud KMS.
+# libudev1: pyudev; ca-certificates: TLS to a cloud KMS; cryptsetup-bin: encrypted volumes.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      lvm2 e2fsprogs xfsprogs util-linux mount libudev1 ca-certificates \
+      lvm2 cryptsetup-bin e2fsprogs xfsprogs util-linux mount libudev1 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels edge-node-services \

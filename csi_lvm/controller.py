@@ -35,6 +35,15 @@ from csi_lvm import blockdev
 from csi_lvm.capabilities import capability_error, is_block
 from csi_lvm.capacity import CapacityCache, ThinPoolSpace, max_striped_size
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
+from csi_lvm.encryption import (
+    CTX_ENCRYPTED,
+    CTX_KEY_BACKEND,
+    NewKey,
+    VolumeEncryption,
+    check_encryption_request,
+    encryption_context,
+    is_encrypted,
+)
 from csi_lvm.locks import InFlight
 from csi_lvm.params import (
     P_WIPE,
@@ -65,6 +74,7 @@ from csi_lvm.volume import (
     temporary_lv_name,
     volume_lv_name,
 )
+from csi_lvm.volume_keys import KeyBackends
 from edge_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -220,16 +230,19 @@ class Source:
 class Plan:
     method: str  # "plain" | "thin-snapshot" | "copy"
     wipe: str  # "" | "header" | "full"
+    encrypt: bool = False  # write a new LUKS2 header (the old bytes then read as noise)
 
     @property
     def pending(self) -> bool:
-        return self.method != "plain" or self.wipe == "full"
+        return self.method != "plain" or self.wipe == "full" or self.encrypt
 
 
 class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
-                 locks: InFlight | None = None) -> None:
+                 locks: InFlight | None = None, *,
+                 encryption: VolumeEncryption | None = None) -> None:
         self.cfg = config
+        self.encryption = encryption or VolumeEncryption(KeyBackends(None))
         self._lvm = lvm
         self._cache = cache
         self.locks = locks or InFlight()
@@ -342,6 +355,13 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return next((p for p in report.lvs if p.vg_name == lv.vg_name and p.name == lv.pool_lv),
                     None)
 
+    def _condition(self, lv: LogicalVolume) -> tuple[bool, str]:
+        abnormal, message = lv_condition(lv, self._pool_of(lv))
+        key_problem = self.encryption.problem(f"{lv.vg_name}/{lv.name}")
+        if key_problem:
+            return True, key_problem if not abnormal else f"{message}; {key_problem}"
+        return abnormal, message
+
     def _volume_msg(self, ref: LvRef, lv: LogicalVolume, own: Ownership) -> csi_pb2.Volume:
         vol = csi_pb2.Volume(
             volume_id=ref.id,
@@ -418,6 +438,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not self.cfg.vg_allowed(params.vg):
             raise InvalidArgument(f"volume group {params.vg!r} is not allowed by this driver's "
                                   "configuration (allowed_vgs)")
+        if params.encrypted and not source_kind:
+            check_encryption_request(self.encryption, True, params.key_backend, None)
         req = request.accessibility_requirements
         if req.requisite and not any(self._is_here(t) for t in req.requisite):
             raise ResourceExhausted(
@@ -452,6 +474,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 f"volume group {params.vg!r} does not exist on node {self.cfg.node_id}")
         source = self._resolve_source(source_kind, source_id) if source_kind else None
         ctx = params.context(ref.lv)
+        key_backend = check_encryption_request(self.encryption, params.encrypted,
+                                               params.key_backend,
+                                               source.own.context if source else None)
+        if key_backend:
+            ctx.update({CTX_ENCRYPTED: "true", CTX_KEY_BACKEND: key_backend})
         source_tag = source.tag if source else ""
 
         stripes = None
@@ -499,6 +526,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         # Idempotency: the derived name is the key.
         plan = self._plan(params, caps, source, pool is not None and pool.pool.attr.zeroing)
+        if key_backend and source is None:
+            plan = Plan(plan.method, "", encrypt=True)
         if plan.pending:
             found = self._get(ref)
             if found is not None:
@@ -520,6 +549,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     f"{pool.available if pool else 0} bytes (free x overprovision ratio), "
                     f"{size} requested")
 
+        new_key = self.encryption.prepare(key_backend) if plan.encrypt else None
         tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
                           created=int(time.time()), size=size, source=source_tag, context=ctx,
                           pending=plan.pending)
@@ -542,7 +572,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         log.info("volume created", extra={"size": size, "lvm_type": params.lvm_type.value,
                                           "method": plan.method})
         try:
-            self._populate(ref, size, plan, source, pool is not None)
+            self._populate(ref, size, plan, source, pool is not None, new_key)
         except BaseException:
             log.exception("filling the new volume failed; removing it")
             with contextlib.suppress(Exception):
@@ -636,12 +666,15 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                           stripe_size=params.stripe_size, thin_pool=params.thin_pool)
 
     def _populate(self, ref: LvRef, size: int, plan: Plan, source: Source | None,
-                  thin: bool) -> None:
+                  thin: bool, new_key: NewKey | None = None) -> None:
         if not self.live:
             if plan.wipe or plan.method != "plain":
                 log.info("no device-mapper: the LV is inactive and cannot be written here")
             return
         path = ref.device_path
+        if new_key is not None:
+            blockdev.wait_for_device(path)
+            self.encryption.format(path, new_key)
         if plan.method == "thin-snapshot":
             with lvm_errors(f"activating {ref}"):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
@@ -713,12 +746,25 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise ServiceError(
                     f"volume {ref} has copy-on-write snapshots; delete them first",
                     grpc.StatusCode.FAILED_PRECONDITION)
+            if is_encrypted(own.context):
+                self._crypto_erase(ref, lv)
             wipe = own.context.get(P_WIPE, "none")
             if wipe != "none" and not own.pending:
                 self._wipe(ref, lv, wipe)
             self._remove(ref, f"removing {ref}")
             log.info("volume deleted", extra={"wipe": wipe})
         return csi_pb2.DeleteVolumeResponse()
+
+    def _crypto_erase(self, ref: LvRef, lv: LogicalVolume) -> None:
+        """Key slots, key token and header zeroed before lvremove: the extents keep noise."""
+        if not self.live:
+            log.warning("no device-mapper: cannot erase the LUKS2 header before removal")
+            return
+        if not lv.is_active:
+            with lvm_errors(f"activating {ref} to erase its key"):
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        blockdev.wait_for_device(ref.device_path)
+        self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
 
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
         if not self.live:
@@ -795,8 +841,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 log.info("volume expanded", extra={"size": size})
             else:
                 size = lv.size
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
-                                                      node_expansion_required=not block)
+        # An encrypted block volume still needs the node: its dm-crypt mapping grows there.
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=size, node_expansion_required=not block or is_encrypted(own.context))
 
     # ------------------------------------------------------------------ Validate
 
@@ -844,7 +891,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         entries = []
         for volume_id in page:
             lv, own = volumes[volume_id]
-            abnormal, message = lv_condition(lv, self._pool_of(lv))
+            abnormal, message = self._condition(lv)
             entries.append(csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume_msg(LvRef(lv.vg_name, lv.name), lv, own),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
@@ -860,7 +907,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         _ = self.lvm
         found = self._resolve_source(KIND_VOLUME, request.volume_id)
         ref, lv, own = found.ref, found.lv, found.own
-        abnormal, message = lv_condition(lv, self._pool_of(lv))
+        abnormal, message = self._condition(lv)
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume_msg(ref, lv, own),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
@@ -951,10 +998,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             source = self._get_owned(src, KIND_VOLUME)
             if source is None:
                 raise NotFound(f"volume {src} does not exist on node {self.cfg.node_id}")
-            origin, _origin_own = source
+            origin, origin_own = source
             created = int(time.time())
+            # A snapshot of an encrypted volume is encrypted too (the same LUKS2 header).
             tags = build_tags(self.cfg.driver_name, kind=KIND_SNAPSHOT, csi_name=name,
-                              created=created, size=origin.size, source=source_tag)
+                              created=created, size=origin.size, source=source_tag,
+                              context=encryption_context(origin_own.context))
             cow: int | None = None
             if not origin.is_thin:
                 if not self.live:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(lvm2 e2fsprogs xfsprogs btrfs-progs util-linux mount softhsm2 opensc
+APT_PACKAGES=(lvm2 cryptsetup-bin e2fsprogs xfsprogs btrfs-progs util-linux mount softhsm2 opensc
               qemu-system-x86 python3 python3-venv make ca-certificates kmod procps)
 
 if [ "$(id -u)" != 0 ]; then
