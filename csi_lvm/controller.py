@@ -674,7 +674,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         path = ref.device_path
         if new_key is not None:
             blockdev.wait_for_device(path)
-            self.encryption.format(path, new_key)
+            self.encryption.format(ref.id, path, new_key)
         if plan.method == "thin-snapshot":
             with lvm_errors(f"activating {ref}"):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from csi_lvm import blockdev
 from csi_lvm.cryptsetup import CryptError, Cryptsetup, mapper_path, mapping_backing_device
+from csi_lvm.stats import block_device_size
 from csi_lvm.volume_keys import (
     TOKEN_TYPE,
     InvalidToken,
@@ -141,14 +142,36 @@ class VolumeEncryption:
         secret = new_volume_secret()
         return NewKey(secret, luks_uuid, self.backends.wrap(backend, secret, luks_uuid))
 
-    def format(self, device: str, key: NewKey) -> None:
+    def format(self, volume_id: str, device: str, key: NewKey) -> None:
+        """A new encrypted volume: its header, then its decrypted view made blank."""
+        self.write_header(device, key)
+        self.blank(volume_id, device, key)
+
+    def write_header(self, device: str, key: NewKey) -> None:
+        """The LUKS2 header (key slot 0 under the secret) and the wrapped-key token."""
         try:
             self.crypt.format(device, key.secret, key.luks_uuid)
             self.crypt.import_token(device, key.wrapped.token_json())
         except CryptError as exc:
             raise crypt_failure(exc) from None
-        log.info("LUKS2 volume formatted", extra={"luks_uuid": key.luks_uuid,
-                                                  "key_backend": key.wrapped.backend})
+        log.info("LUKS2 header written", extra={"luks_uuid": key.luks_uuid,
+                                                "key_backend": key.wrapped.backend})
+
+    def blank(self, volume_id: str, device: str, key: NewKey) -> None:
+        """Zero the first and last MiB of the *decrypted* view: a new volume must look blank
+        to the publish that makes its filesystem. The rest stays noise under the new key (no
+        previous tenant's data, and no full zeroing)."""
+        name = mapper_name(volume_id)
+        try:
+            self.crypt.open(device, name, key.secret)
+            try:
+                path = mapper_path(name)
+                blockdev.wait_for_device(path)
+                blockdev.zero_head_and_tail(path, block_device_size(path))
+            finally:
+                self.crypt.close(name)
+        except CryptError as exc:
+            raise crypt_failure(exc) from None
 
     # ------------------------------------------------------------------ open / close
 
@@ -241,8 +264,13 @@ class VolumeEncryption:
         """Destroy the key slots and the key token, then zero the whole header area: what
         is left on the extents cannot be decrypted by anyone, with any key."""
         if self.is_open(volume_id):
-            raise FailedPrecondition(f"volume {volume_id} is still open on this node "
-                                     "(published); unpublish it first")
+            try:
+                self.crypt.close(mapper_name(volume_id))  # refused while anything uses it
+            except CryptError as exc:
+                if exc.busy:
+                    raise FailedPrecondition(f"volume {volume_id} is in use on this node "
+                                             "(published); unpublish it first") from None
+                raise crypt_failure(exc) from None
         try:
             header = self.crypt.header(device)
             if header is not None:

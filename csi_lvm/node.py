@@ -747,9 +747,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 except filesystem.FilesystemError as exc:
                     raise Internal(str(exc)) from None
             try:
-                capacity = block_device_size(vol.device_path)
+                # The LV's size, as the controller reports it (an encrypted volume's mapping
+                # is its LUKS2 header smaller).
+                capacity = block_device_size(lv_device)
             except OSError as exc:
-                raise Internal(f"cannot read the size of {vol.device_path}: {exc}") from None
+                raise Internal(f"cannot read the size of {lv_device}: {exc}") from None
             log.info("expanded volume", extra={"capacity_bytes": capacity, "block": block})
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity)
 

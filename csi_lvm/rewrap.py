@@ -5,7 +5,8 @@ Every `encryption_rewrap_seconds` the loop lists this driver's active encrypted 
 the backends themselves where they can), and re-wraps the tokens still under an older root key
 (VolumeEncryption.rewrap). Open volumes stay open and mounted: only the token in the LUKS2
 header changes. Inactive volumes are left alone (activating them would change their state);
-they are re-wrapped the next round after they are published.
+they are re-wrapped the next round after they are published. A volume busy with an RPC is
+skipped until the next round.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import logging
 import threading
 
 from csi_lvm.encryption import VolumeEncryption, is_encrypted
+from csi_lvm.locks import InFlight
 from csi_lvm.volume import KIND_VOLUME, owner_tag, read_tags
+from edge_common.errors import Aborted
 from edge_common.lvm import Lvm, LvmError
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,9 @@ def encrypted_volumes(lvm: Lvm, driver_name: str) -> list[tuple[str, str]]:
 
 class RewrapLoop:
     def __init__(self, encryption: VolumeEncryption, lvm: Lvm, driver_name: str,
-                 interval: float) -> None:
+                 interval: float, locks: InFlight) -> None:
         self.encryption = encryption
+        self.locks = locks
         self.lvm = lvm
         self.driver_name = driver_name
         self.interval = interval
@@ -47,7 +51,14 @@ class RewrapLoop:
         except LvmError as exc:
             log.warning("listing encrypted volumes failed", extra={"error": exc.message})
             return {}
-        outcome = self.encryption.rewrap_all(volumes)
+        outcome: dict[str, str] = {}
+        for volume_id, device in volumes:
+            # The volume's in-flight key: never beside a delete, publish or expansion of it.
+            try:
+                with self.locks.hold(f"lv:{volume_id}"):
+                    outcome.update(self.encryption.rewrap_all([(volume_id, device)]))
+            except Aborted:
+                outcome[volume_id] = "busy"
         changed = sorted(v for v, what in outcome.items() if what == "rewrapped")
         if changed:
             log.info("re-wrapped volume keys", extra={"volumes": changed})

@@ -52,7 +52,7 @@ class Driver:
         self.rewrap: RewrapLoop | None = None
         if self.lvm is not None:
             self.rewrap = RewrapLoop(self.encryption, self.lvm, config.driver_name,
-                                     config.encryption_rewrap_seconds)
+                                     config.encryption_rewrap_seconds, self.locks)
         self.identity = Identity(config, self.lvm)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      encryption=self.encryption)

@@ -258,7 +258,7 @@ def test_format_writes_a_luks2_header_whose_token_unwraps_to_the_key_slot_secret
     enc, _ = local_enc
     dev = blank_file(tmp_path)
     key = enc.prepare("node")
-    enc.format(str(dev), key)
+    enc.write_header(str(dev), key)
     raw = dev.read_bytes()
     assert raw[:6] == b"LUKS\xba\xbe"
     assert key.secret not in raw  # never in clear on the disk
@@ -273,8 +273,8 @@ def test_a_token_swapped_in_from_another_volume_is_refused(
     enc, _ = local_enc
     a, b = blank_file(tmp_path), blank_file(tmp_path)
     key_a, key_b = enc.prepare("node"), enc.prepare("node")
-    enc.format(str(a), key_a)
-    enc.format(str(b), key_b)
+    enc.write_header(str(a), key_a)
+    enc.write_header(str(b), key_b)
     enc.crypt.import_token(str(a), key_b.wrapped.token_json(), replace=True)
     with pytest.raises(FailedPrecondition, match="integrity check"):
         enc._unwrap("vg/a", str(a))
@@ -286,7 +286,7 @@ def test_a_hand_edited_token_is_refused_before_any_backend_call(
     enc, _ = local_enc
     dev = blank_file(tmp_path)
     key = enc.prepare("node")
-    enc.format(str(dev), key)
+    enc.write_header(str(dev), key)
     token = json.loads(key.wrapped.token_json())
     token["key_version"] = 12
     enc.crypt.import_token(str(dev), json.dumps(token), replace=True)
@@ -299,7 +299,7 @@ def test_rewrap_moves_the_token_to_the_rotated_root_key_and_it_still_opens(
     enc, ring = local_enc
     dev = blank_file(tmp_path)
     key = enc.prepare("node")
-    enc.format(str(dev), key)
+    enc.write_header(str(dev), key)
     assert enc.rewrap_all([("vg/lv", str(dev))]) == {"vg/lv": "current"}
     local.rotate(ring)
     assert enc.rewrap_all([("vg/lv", str(dev))]) == {"vg/lv": "rewrapped"}
@@ -313,7 +313,7 @@ def test_crypto_erase_leaves_no_header_no_token_and_no_key_slot(
     enc, _ = local_enc
     dev = blank_file(tmp_path)
     key = enc.prepare("node")
-    enc.format(str(dev), key)
+    enc.write_header(str(dev), key)
     header = enc.crypt.header(str(dev))
     assert header is not None and header.data_offset > 0
     before = dev.read_bytes()[:header.data_offset]
