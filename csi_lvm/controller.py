@@ -755,25 +755,26 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             log.info("volume deleted", extra={"wipe": wipe})
         return csi_pb2.DeleteVolumeResponse()
 
+    def _writable(self, ref: LvRef, lv: LogicalVolume, doing: str) -> bool:
+        """Activate the LV for a last write before lvremove; False without device-mapper."""
+        if not self.live:
+            log.warning("no device-mapper: the LV cannot be written before removal",
+                        extra={"skipped": doing})
+            return False
+        if not lv.is_active:
+            with lvm_errors(f"activating {ref} to {doing}"):
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        blockdev.wait_for_device(ref.device_path)
+        return True
+
     def _crypto_erase(self, ref: LvRef, lv: LogicalVolume) -> None:
         """Key slots, key token and header zeroed before lvremove: the extents keep noise."""
-        if not self.live:
-            log.warning("no device-mapper: cannot erase the LUKS2 header before removal")
-            return
-        if not lv.is_active:
-            with lvm_errors(f"activating {ref} to erase its key"):
-                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
-        blockdev.wait_for_device(ref.device_path)
-        self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
+        if self._writable(ref, lv, "erase its key"):
+            self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
 
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
-        if not self.live:
-            log.warning("no device-mapper: cannot wipe the data before removal")
+        if not self._writable(ref, lv, "wipe the data"):
             return
-        if not lv.is_active:
-            with lvm_errors(f"activating {ref} to wipe it"):
-                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
-        blockdev.wait_for_device(ref.device_path)
         if how == "discard" or lv.is_thin:
             # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
             if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:

@@ -24,6 +24,7 @@ import platform
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from csi_lvm.volume_keys import (
 )
 from edge_common.devmapper import has_device_mapper
 from edge_common.errors import (
+    Aborted,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -56,6 +58,13 @@ MAPPER_PREFIX = "csi-crypt-"
 MAX_DM_NAME = 127
 #: Zeroed on delete when a header cannot be read: LUKS2's default header + key slot area.
 DEFAULT_HEADER_BYTES = 16 << 20
+_CHECK_FAILED = "the volume key cannot be checked"
+Guard = Callable[[str], AbstractContextManager[object]]
+
+
+def _no_guard(_volume_id: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
 
 
 def is_encrypted(context: Mapping[str, str]) -> bool:
@@ -284,37 +293,59 @@ class VolumeEncryption:
 
     # ------------------------------------------------------------------ rotation
 
-    def rewrap(self, volume_id: str, device: str) -> bool:
+    def rewrap(self, volume_id: str, device: str,
+               guard: Guard = _no_guard) -> bool:
         """Re-wrap the volume's key under its backend's current root key (the volume may be
-        open and mounted: only the token in the header changes). True when it changed."""
-        token, luks_uuid = self._read_key(volume_id, device)
+        open and mounted: only the token in the header changes). True when it changed.
+
+        The check reads only; ``guard(volume_id)`` (the volume's in-flight key) is held just
+        for the rewrite, so the periodic check never makes an RPC wait or fail."""
+        token, _uuid = self._read_key(volume_id, device)
         current = self.backends.current_key(token.backend)
         if current == token.key:
+            if (self.problem(volume_id) or "").startswith(_CHECK_FAILED):
+                self._note(volume_id, None)  # the backend answers again
             return False
-        secret = self._unwrap(volume_id, device)
-        try:
-            self.crypt.test_secret(device, secret)  # never store a token that does not open
-            fresh = self.backends.wrap(token.backend, secret, luks_uuid)
-            self.crypt.import_token(device, fresh.token_json(), replace=True)
-        except CryptError as exc:
-            raise crypt_failure(exc) from None
-        finally:
-            del secret
+        with guard(volume_id):
+            token, luks_uuid = self._read_key(volume_id, device)  # as it is now
+            if token.key == current:
+                return False
+            secret = self._unwrap(volume_id, device)
+            try:
+                self.crypt.test_secret(device, secret)  # never store a token that does not open
+                fresh = self.backends.wrap(token.backend, secret, luks_uuid)
+                self.crypt.import_token(device, fresh.token_json(), replace=True)
+            except CryptError as exc:
+                raise crypt_failure(exc) from None
+            finally:
+                del secret
         log.info("volume key re-wrapped", extra={"volume_id": volume_id,
                                                  "key_backend": token.backend,
                                                  "key_version": fresh.key.version})
         return True
 
-    def rewrap_all(self, volumes: Iterable[tuple[str, str]]) -> dict[str, str]:
-        """rewrap() every (volume_id, device); returns {volume_id: outcome}."""
+    def rewrap_all(self, volumes: Iterable[tuple[str, str]], guard: Guard = _no_guard,
+                   exists: Callable[[str], bool] = lambda _volume_id: True) -> dict[str, str]:
+        """rewrap() every (volume_id, device); returns {volume_id: outcome}. A failure is
+        noted for VolumeCondition when the volume still ``exists`` (it may have just been
+        deleted under the check)."""
         outcome: dict[str, str] = {}
         for volume_id, device in volumes:
             try:
-                outcome[volume_id] = "rewrapped" if self.rewrap(volume_id, device) else "current"
+                changed = self.rewrap(volume_id, device, guard)
+                outcome[volume_id] = "rewrapped" if changed else "current"
+            except Aborted:
+                outcome[volume_id] = "busy"  # an RPC holds it: the next round
             except ServiceError as exc:
+                outcome[volume_id] = f"failed: {exc.message}"
+                if not exists(volume_id):
+                    outcome[volume_id] = "gone"
+                    continue
                 log.warning("re-wrapping a volume key failed; retried next round",
                             extra={"volume_id": volume_id, "error": exc.message})
-                outcome[volume_id] = f"failed: {exc.message}"
+                # A disabled or deleted root key shows in VolumeCondition before any publish.
+                if self.problem(volume_id) is None:
+                    self._note(volume_id, f"{_CHECK_FAILED}: {exc.message}")
         return outcome
 
     # ------------------------------------------------------------------ condition

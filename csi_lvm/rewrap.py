@@ -5,19 +5,20 @@ Every `encryption_rewrap_seconds` the loop lists this driver's active encrypted 
 the backends themselves where they can), and re-wraps the tokens still under an older root key
 (VolumeEncryption.rewrap). Open volumes stay open and mounted: only the token in the LUKS2
 header changes. Inactive volumes are left alone (activating them would change their state);
-they are re-wrapped the next round after they are published. A volume busy with an RPC is
-skipped until the next round.
+they are re-wrapped the next round after they are published. The check only reads; the
+rewrite holds the volume's in-flight key, and a volume busy with an RPC waits for the next
+round.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from contextlib import AbstractContextManager
 
 from csi_lvm.encryption import VolumeEncryption, is_encrypted
 from csi_lvm.locks import InFlight
 from csi_lvm.volume import KIND_VOLUME, owner_tag, read_tags
-from edge_common.errors import Aborted
 from edge_common.lvm import Lvm, LvmError
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,22 @@ class RewrapLoop:
         except LvmError as exc:
             log.warning("listing encrypted volumes failed", extra={"error": exc.message})
             return {}
-        outcome: dict[str, str] = {}
-        for volume_id, device in volumes:
-            # The volume's in-flight key: never beside a delete, publish or expansion of it.
-            try:
-                with self.locks.hold(f"lv:{volume_id}"):
-                    outcome.update(self.encryption.rewrap_all([(volume_id, device)]))
-            except Aborted:
-                outcome[volume_id] = "busy"
+        outcome = self.encryption.rewrap_all(volumes, self._hold, self._exists)
         changed = sorted(v for v, what in outcome.items() if what == "rewrapped")
         if changed:
             log.info("re-wrapped volume keys", extra={"volumes": changed})
         return outcome
+
+    def _hold(self, volume_id: str) -> AbstractContextManager[object]:
+        """The volume's in-flight key, shared with every RPC (Aborted when one holds it)."""
+        return self.locks.hold(f"lv:{volume_id}")
+
+    def _exists(self, volume_id: str) -> bool:
+        vg, _, lv = volume_id.partition("/")
+        try:
+            return self.lvm.get_lv(vg, lv) is not None
+        except LvmError:
+            return True  # unknown is not absent
 
     def start(self) -> None:
         if self.interval <= 0 or not self.encryption.backends.configured:

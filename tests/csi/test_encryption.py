@@ -394,3 +394,18 @@ def test_a_bad_backends_file_stops_the_driver_at_start(tmp_path: Path) -> None:
     bad.write_text("backends:\n  n:\n    type: vault\n")
     with pytest.raises(ValueError, match="unknown type 'vault'"):
         build_encryption(make_config("vg", tmp_path, encryption_backends_file=str(bad)))
+
+
+def test_a_backend_that_stops_answering_shows_in_the_condition_until_it_answers_again(
+        tmp_path: Path, local_enc: tuple[VolumeEncryption, Path]) -> None:
+    enc, ring = local_enc
+    dev = blank_file(tmp_path)
+    enc.write_header(str(dev), enc.prepare("node"))
+    away = ring.with_suffix(".away")
+    ring.rename(away)
+    outcome = enc.rewrap_all([("vg/lv", str(dev))])
+    assert outcome["vg/lv"].startswith("failed:") and "unreachable" in outcome["vg/lv"]
+    assert "cannot be checked" in (enc.problem("vg/lv") or "")
+    away.rename(ring)
+    assert enc.rewrap_all([("vg/lv", str(dev))]) == {"vg/lv": "current"}
+    assert enc.problem("vg/lv") is None

@@ -62,11 +62,12 @@ Code = grpc.StatusCode
 @dataclass
 class EncryptedDriver(DriverProcess):
     backends_file: str = ""
+    rewrap_seconds: str = "3600"
 
     @property
     def argv(self) -> list[str]:
         return [*super().argv, "--encryption-backends-file", self.backends_file,
-                "--encryption-rewrap-seconds", "2"]
+                "--encryption-rewrap-seconds", self.rewrap_seconds]
 
 
 @dataclass
@@ -248,6 +249,8 @@ def test_encrypted_volume_lifecycle(elab: ELab, kind: Kind) -> None:
 def test_rotation_rewraps_an_open_volume_and_an_unreachable_backend_is_unavailable(
         elab: ELab) -> None:
     d = elab.driver
+    d.rewrap_seconds = "3"  # the background round, often enough for a test
+    d.restart_after_kill()
     cap = KINDS[0].cap
     vol = d.create("enc-rotate", 32 * MiB, [cap], encrypted="true")
     lv_dev = f"/dev/{vol.volume_id}"
