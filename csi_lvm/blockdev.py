@@ -4,6 +4,10 @@ Zeroing uses the BLKZEROOUT ioctl (the device offloads it where it can: WRITE ZE
 fallocate, thin provisioning), falling back to writing zero buffers. Discard uses BLKDISCARD.
 Copies read and write in 4 MiB chunks; a copy into a thin volume skips all-zero chunks, so a
 restored thin volume stays thin (the pool returns zeros for unwritten blocks).
+
+Every descriptor that writes is opened with O_EXCL: the kernel then refuses (EBUSY,
+DeviceBusy) a device that is mounted or claimed by another driver (device-mapper, md, a
+filesystem), so a wipe or a copy never lands on a volume in use.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ class BlockDeviceError(Exception):
     pass
 
 
+class DeviceBusy(BlockDeviceError):
+    """The device is mounted or held by another kernel user (O_EXCL open refused)."""
+
+
+def open_for_writing(path: str) -> int:
+    """An exclusive write descriptor for a block device (DeviceBusy when it is in use)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise DeviceBusy(f"{path} is in use (mounted or held by another device)") from None
+        raise BlockDeviceError(f"cannot open {path}: {exc.strerror}") from None
+
+
 def wait_for_device(path: str, timeout: float = 10.0) -> None:
     """LVM creates /dev/<vg>/<lv> itself (or udev does); wait for it briefly."""
     deadline = time.monotonic() + timeout
@@ -47,7 +65,7 @@ def zero_range(path: str, start: int, length: int) -> None:
     """Make [start, start+length) read as zeros (BLKZEROOUT, else write zeros)."""
     if length <= 0:
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_for_writing(path)
     try:
         try:
             _range_ioctl(fd, BLKZEROOUT, start, length)
@@ -81,7 +99,7 @@ def zero_head_and_tail(path: str, size: int, span: int = MiB) -> None:
 
 def discard(path: str, size: int) -> bool:
     """BLKDISCARD the whole device; False when the device does not support discard."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = open_for_writing(path)
     try:
         _range_ioctl(fd, BLKDISCARD, 0, size)
         return True
@@ -109,7 +127,7 @@ def copy(
     written = 0
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+        dfd = open_for_writing(dst)
         try:
             os.posix_fadvise(sfd, 0, length, os.POSIX_FADV_SEQUENTIAL)
             offset = 0

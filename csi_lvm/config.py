@@ -75,7 +75,7 @@ class CsiConfig:
     )
     lvm_command: list[str] = option(
         ["lvm"], help="command prefix for every LVM call, e.g. nsenter,--mount=/proc/1/ns/mnt,"
-        "--,lvm (comma-separated)", metavar="ARGV",
+        "--ipc=/proc/1/ns/ipc,--,lvm (comma-separated)", metavar="ARGV",
     )
     lvm_extra_args: list[str] = option(
         [], help="arguments added to every LVM sub-command (comma-separated)", metavar="ARGS",

@@ -3,17 +3,22 @@
 Every RPC checks its arguments first (INVALID_ARGUMENT before any lookup), then takes its
 in-flight keys (a concurrent call for the same name or volume gets ABORTED), then works.
 
-Crash safety (SIGKILL at any point, then restart and retry, converges):
-- A plain CreateVolume is ONE lvcreate carrying every tag (ownership, name, context): LVM commits
-  it atomically, so after a crash the LV either does not exist (the retry creates it) or is
-  complete (the retry finds it by its derived name and returns it).
+Crash and fault safety (SIGKILL at any point, or a fault inside one LVM command, then restart
+and retry, converges; see csi_lvm/finish.py, facts.py, inuse.py, recovery.py):
+- Every LV is born `unfinished` (tag set by its own lvcreate): LVM commits the metadata before
+  it wipes the LV, so a killed lvcreate can leave a tagged LV holding an earlier tenant's
+  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before anyone
+  reads it: the first publish, a snapshot or clone of it, or a CreateVolume retry. A plain
+  CreateVolume stays ONE lvcreate; its first use pays the finishing lvchange.
 - A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
-  volume) creates it with the `pending` tag and removes the tag as its last step. A pending LV
-  was never handed out: the retry (or the start-up sweep) removes it and starts over.
+  volume) creates it `pending` too and removes both tags in one lvchange as its last step.
+  A pending LV was never handed out: the retry (or the start-up sweep) removes and redoes it.
   Temporary snapshots used while cloning are kind=temporary and removed the same way.
-- DeleteVolume/DeleteSnapshot (lvremove) and ControllerExpandVolume (lvextend to an absolute
-  size) are single idempotent LVM commands; a wipe before lvremove is simply redone.
-- CreateSnapshot is one lvcreate --snapshot with every tag.
+- A snapshot is served only when LVM's facts (snapshot / thin volume, origin = the source)
+  agree with its tags; a thick lvcreate killed between its two commits is removed and redone.
+- DeleteVolume refuses a volume in use (FAILED_PRECONDITION: open, mounted, bound, held).
+- A state-changing LVM command is never killed on timeout (ABORTED, volume kept locked until
+  it ends); the start-up sweep refreshes LVs left suspended or half-resized.
 The driver never lists, changes or removes an LV without its ownership tag.
 """
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_lvm import blockdev
+from csi_lvm import blockdev, finish, inuse
 from csi_lvm.capabilities import capability_error, is_block
 from csi_lvm.capacity import CapacityCache, ThinPoolSpace, max_striped_size
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
@@ -44,6 +49,7 @@ from csi_lvm.encryption import (
     encryption_context,
     is_encrypted,
 )
+from csi_lvm.facts import snapshot_is_real
 from csi_lvm.locks import InFlight
 from csi_lvm.params import (
     P_WIPE,
@@ -62,6 +68,7 @@ from csi_lvm.volume import (
     KIND_TEMPORARY,
     KIND_VOLUME,
     TAG_PENDING,
+    TAG_UNFINISHED,
     InvalidId,
     LvRef,
     Ownership,
@@ -75,7 +82,9 @@ from csi_lvm.volume import (
     volume_lv_name,
 )
 from csi_lvm.volume_keys import KeyBackends
+from edge_common.devmapper import DmError
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -94,6 +103,7 @@ from edge_common.lvm import (
     LvmCommandNotFound,
     LvmError,
     LvmReport,
+    LvmStillRunning,
     LvmTimeout,
 )
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
@@ -117,6 +127,8 @@ _HEALTH = {
 
 def lvm_failure(exc: LvmError, doing: str) -> ServiceError:
     """One place that turns an LVM failure into a CSI status."""
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"{doing}: {exc.message}; the volume stays locked until it ends, retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"{doing}: {exc.message}; the outcome is unknown, retry")
     if isinstance(exc, LvmCommandNotFound):
@@ -291,6 +303,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv, own = found
         if not own.owned or own.kind != kind or own.pending:
             return None
+        if kind == KIND_SNAPSHOT and not snapshot_is_real(lv, own):
+            log.warning("an unfinished snapshot leftover is not served", extra={"lv": ref.id})
+            return None
         return lv, own
 
     def _owned_lvs(self) -> list[tuple[LogicalVolume, Ownership]]:
@@ -302,6 +317,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         try:
             self.lvm.lvremove(ref.vg, ref.lv)
         except LvmError as exc:
+            if exc.is_in_use():
+                raise FailedPrecondition(f"{doing}: LVM says it is in use: {exc.message}") \
+                    from exc
             if not exc.is_not_found():
                 raise lvm_failure(exc, doing) from exc
         finally:
@@ -473,6 +491,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise ResourceExhausted(
                 f"volume group {params.vg!r} does not exist on node {self.cfg.node_id}")
         source = self._resolve_source(source_kind, source_id) if source_kind else None
+        if source is not None and source.kind == KIND_VOLUME and source.own.unfinished:
+            self._finish(source.ref, source.lv)  # a clone must not copy foreign data
         ctx = params.context(ref.lv)
         key_backend = check_encryption_request(self.encryption, params.encrypted,
                                                params.key_backend,
@@ -578,7 +598,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             with contextlib.suppress(Exception):
                 self._discard_pending(ref, source)
             raise
-        if plan.pending:
+        if plan.pending and self.live:
+            # Filled (copied or zeroed whole) by the driver itself: finished in the same
+            # lvchange that ends `pending`. Plain volumes are finished by their first use.
+            with lvm_errors(f"finishing {ref}"):
+                self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING, TAG_UNFINISHED])
+        elif plan.pending:
             with lvm_errors(f"finishing {ref}"):
                 self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
         vol = csi_pb2.Volume(volume_id=ref.id, capacity_bytes=size, volume_context=ctx,
@@ -639,7 +664,29 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not size_fits(lv.size, required, limit):
             raise AlreadyExists(f"volume {name!r} exists with {lv.size} bytes, outside the "
                                 f"requested capacity range")
+        if own.unfinished:
+            self._finish(ref, lv)
         return self._volume_msg(ref, lv, own)
+
+    def _finish(self, ref: LvRef, lv: LogicalVolume) -> None:
+        """Make an unfinished volume (never used: e.g. its lvcreate was killed before its own
+        wipe) safe and mark it finished; without device-mapper its first activation will."""
+        if not self.live:
+            return
+        log.info("finishing a volume that was never made safe", extra={"volume_id": ref.id})
+        with lvm_errors(f"activating {ref} to finish it"):
+            if not lv.is_active:
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        try:
+            with lvm_errors(f"finishing {ref}"):
+                finish.finish(self.lvm, ref, lv.size)
+        except blockdev.DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {ref} was never finished and is in use: "
+                                     f"{exc}") from exc
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"finishing {ref}: {exc}") from exc
+        finally:
+            self.cache.invalidate()
 
     def _discard_pending(self, ref: LvRef, source: Source | None) -> None:
         """Remove an unfinished volume and its temporary snapshot (never handed out)."""
@@ -747,13 +794,28 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     f"volume {ref} has copy-on-write snapshots; delete them first",
                     grpc.StatusCode.FAILED_PRECONDITION)
             if is_encrypted(own.context):
+                # A mapping left open by a crash, used by nothing, is not "in use".
+                self.encryption.close_idle(ref.id)
+            self._refuse_in_use(ref)
+            if is_encrypted(own.context):
                 self._crypto_erase(ref, lv)
             wipe = own.context.get(P_WIPE, "none")
-            if wipe != "none" and not own.pending:
+            if wipe != "none" and not own.pending and not own.unfinished:
                 self._wipe(ref, lv, wipe)
             self._remove(ref, f"removing {ref}")
             log.info("volume deleted", extra={"wipe": wipe})
         return csi_pb2.DeleteVolumeResponse()
+
+    def _refuse_in_use(self, ref: LvRef) -> None:
+        """FAILED_PRECONDITION (the spec's code for "in use") when the volume is open, mounted,
+        published or held: nothing is wiped or removed."""
+        try:
+            usage = inuse.volume_usage(ref.vg, ref.lv)
+        except (DmError, OSError) as exc:
+            raise Unavailable(f"cannot tell whether {ref} is in use: {exc}") from exc
+        if usage.in_use:
+            raise FailedPrecondition(f"volume {ref} is in use ({usage.describe()}); unpublish "
+                                     "it and stop what uses it, then retry")
 
     def _writable(self, ref: LvRef, lv: LogicalVolume, doing: str) -> bool:
         """Activate the LV for a last write before lvremove; False without device-mapper."""
@@ -764,23 +826,33 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not lv.is_active:
             with lvm_errors(f"activating {ref} to {doing}"):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
-        blockdev.wait_for_device(ref.device_path)
         return True
 
     def _crypto_erase(self, ref: LvRef, lv: LogicalVolume) -> None:
         """Key slots, key token and header zeroed before lvremove: the extents keep noise."""
-        if self._writable(ref, lv, "erase its key"):
-            self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
+        if not self._writable(ref, lv, "erase its key"):
+            return
+        try:
+            blockdev.wait_for_device(ref.device_path)
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"erasing the key of {ref}: {exc}") from exc
+        self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
 
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
         if not self._writable(ref, lv, "wipe the data"):
             return
-        if how == "discard" or lv.is_thin:
-            # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
-            if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
+        try:
+            blockdev.wait_for_device(ref.device_path)
+            if how == "discard" or lv.is_thin:
+                # Thin: discarding returns the blocks to the pool (zeroing would allocate them).
+                if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
+                    blockdev.zero_range(ref.device_path, 0, lv.size)
+            else:
                 blockdev.zero_range(ref.device_path, 0, lv.size)
-        else:
-            blockdev.zero_range(ref.device_path, 0, lv.size)
+        except blockdev.DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {ref} is in use: {exc}") from exc
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"wiping {ref} before removal: {exc}") from exc
 
     # ------------------------------------------------------------------ Expand
 
@@ -991,15 +1063,22 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if own.source != source_tag:
                     raise AlreadyExists(f"snapshot {name!r} exists for another volume "
                                         f"({own.source_id})")
-                if own.pending:
+                if not snapshot_is_real(lv, own):
+                    log.warning("found an unfinished snapshot (not what its tags claim, "
+                                "per LVM); removing and redoing it")
                     self._remove(ref, f"removing the unfinished snapshot {ref}")
                 else:
+                    if own.unfinished:
+                        with lvm_errors(f"finishing snapshot {ref}"):
+                            self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
                     return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(ref, lv,
                                                                                       own))
             source = self._get_owned(src, KIND_VOLUME)
             if source is None:
                 raise NotFound(f"volume {src} does not exist on node {self.cfg.node_id}")
             origin, origin_own = source
+            if origin_own.unfinished:
+                self._finish(src, origin)  # a snapshot must not capture foreign data
             created = int(time.time())
             # A snapshot of an encrypted volume is encrypted too (the same LUKS2 header).
             tags = build_tags(self.cfg.driver_name, kind=KIND_SNAPSHOT, csi_name=name,
@@ -1018,6 +1097,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                                           self.cfg.thick_snapshot_percent)
             try:
                 self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
+                # lvcreate answered: it is a complete snapshot. Finished = its facts may be
+                # trusted even once the origin is gone (a thin snapshot outlives it).
+                self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
             except LvmError as exc:
                 raise lvm_failure(exc, f"creating snapshot {ref}") from exc
             finally:
@@ -1068,7 +1150,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 return csi_pb2.ListSnapshotsResponse()
         snapshots = {}
         for lv, own in self._owned_lvs():
-            if own.kind != KIND_SNAPSHOT or own.pending:
+            if own.kind != KIND_SNAPSHOT or not snapshot_is_real(lv, own):
                 continue
             ref = LvRef(lv.vg_name, lv.name)
             if request.snapshot_id and ref.id != request.snapshot_id:

@@ -255,6 +255,16 @@ class VolumeEncryption:
         log.info("encrypted volume closed", extra={"mapping": name})
         return True
 
+    def close_idle(self, volume_id: str) -> None:
+        """Close the mapping when nothing holds it open (cryptsetup refuses otherwise)."""
+        if not self.is_open(volume_id):
+            return
+        try:
+            self.crypt.close(mapper_name(volume_id))
+        except CryptError as exc:
+            if not exc.busy:
+                raise crypt_failure(exc) from None
+
     def resize(self, volume_id: str, device: str) -> None:
         """Grow the open mapping to the LV's new size (LUKS2 segments are dynamic)."""
         if not self.is_open(volume_id):

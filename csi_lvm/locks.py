@@ -4,6 +4,10 @@ The CSI spec asks for exactly this ("operation pending for volume": ABORTED) ins
 queueing: the CO retries with backoff, and a long copy keeps running for the first caller.
 Shared holders (e.g. several restores reading one snapshot) coexist; an exclusive holder
 (e.g. DeleteSnapshot) excludes everyone.
+
+A call that ends while one of its LVM changes still runs in the background (LvmStillRunning:
+changes are never killed) leaves its keys held until that command ends, so the next call for
+the volume gets ABORTED instead of racing the command, and then converges.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from edge_common.errors import Aborted
+from edge_common.lvm import still_running
 
 
 class InFlight:
@@ -38,15 +43,25 @@ class InFlight:
                 self._shared[key] = self._shared.get(key, 0) + 1
         try:
             yield
-        finally:
-            with self._lock:
-                self._exclusive.difference_update(exclusive)
-                for key in shared_keys:
-                    left = self._shared[key] - 1
-                    if left:
-                        self._shared[key] = left
-                    else:
-                        del self._shared[key]
+        except BaseException as exc:
+            running = still_running(exc)
+            if running is None:
+                self._release(exclusive, shared_keys)
+            else:
+                running.finished.add_done_callback(
+                    lambda _done: self._release(exclusive, shared_keys))
+            raise
+        self._release(exclusive, shared_keys)
+
+    def _release(self, exclusive: Sequence[str], shared_keys: Sequence[str]) -> None:
+        with self._lock:
+            self._exclusive.difference_update(exclusive)
+            for key in shared_keys:
+                left = self._shared[key] - 1
+                if left:
+                    self._shared[key] = left
+                else:
+                    del self._shared[key]
 
     def busy(self) -> list[str]:
         with self._lock:

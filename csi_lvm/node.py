@@ -45,12 +45,13 @@ from typing import Protocol
 import grpc
 
 from csi_lvm import filesystem
-from csi_lvm.blockdev import BlockDeviceError, wait_for_device
+from csi_lvm.blockdev import BlockDeviceError, DeviceBusy, wait_for_device
 from csi_lvm.capabilities import DEFAULT_FS_TYPE, capability_error, is_block, mode_name
 from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
 from csi_lvm.cryptsetup import mapper_path
 from csi_lvm.encryption import VolumeEncryption, is_encrypted, mapper_name
+from csi_lvm.finish import finish as finish_volume
 from csi_lvm.locks import InFlight
 from csi_lvm.mounter import (
     InvalidMountOption,
@@ -62,9 +63,17 @@ from csi_lvm.mounter import (
     flags_satisfied,
 )
 from csi_lvm.stats import block_device_read_only, block_device_size, filesystem_usage
-from csi_lvm.volume import InvalidId, VolumeContext, parse_id, resolve_volume, split_mount_options
+from csi_lvm.volume import (
+    TAG_UNFINISHED,
+    InvalidId,
+    VolumeContext,
+    parse_id,
+    resolve_volume,
+    split_mount_options,
+)
 from csi_lvm.volume_keys import KeyBackends
 from edge_common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -77,7 +86,7 @@ from edge_common.errors import (
     Unimplemented,
 )
 from edge_common.log import log_context
-from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmTimeout
+from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmStillRunning, LvmTimeout
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -110,6 +119,7 @@ class NodeVolume:
     problem: str | None = None  # LVM reports it unhealthy (for VolumeCondition)
     stripes: int = 1  # an LV grows by whole extents on every stripe
     thin: bool = False  # a thin LV grows without taking VG space
+    unfinished: bool = False  # never made safe yet: the first publish finishes it
 
 
 class VolumeBackend(Protocol):
@@ -124,6 +134,9 @@ class VolumeBackend(Protocol):
     def extend(self, volume: NodeVolume, required_bytes: int, limit_bytes: int) -> NodeVolume:
         """Grow to at least required_bytes (no-op when already there); returns it as it is now.
         Raises OutOfRange / ResourceExhausted (ServiceError) when it cannot."""
+
+    def finish(self, volume: NodeVolume) -> NodeVolume:
+        """Make an active, unfinished volume safe and mark it finished (csi_lvm/finish.py)."""
 
 
 def lv_problem(lv: LogicalVolume) -> str | None:
@@ -159,8 +172,15 @@ class LvmVolumes:
             return None
         lv, context = found
         ref = parse_id(volume_id)
+        unfinished = TAG_UNFINISHED in lv.tags
         return NodeVolume(volume_id, ref.device_path, lv.size, lv.is_active, context,
-                          lv_problem(lv), max(1, lv.stripes), lv.is_thin)
+                          lv_problem(lv), max(1, lv.stripes), lv.is_thin, unfinished)
+
+    def finish(self, volume: NodeVolume) -> NodeVolume:
+        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size)
+        if self.on_change is not None:
+            self.on_change()
+        return replace(volume, unfinished=False)
 
     def activate(self, volume: NodeVolume) -> NodeVolume:
         ref = parse_id(volume.volume_id)
@@ -264,6 +284,8 @@ def _check_range(required: int, limit: int) -> None:
 
 
 def _lvm_error(exc: LvmError) -> ServiceError:
+    if isinstance(exc, LvmStillRunning):
+        return Aborted(f"LVM is still working on it in the background: {exc}; retry")
     if isinstance(exc, LvmTimeout):
         return Unavailable(f"LVM did not answer in time: {exc}")
     return Internal(f"LVM failed: {exc}")
@@ -375,6 +397,19 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _in_use(self, device: str) -> bool:
         return bool(self.mounter.filesystem_mounts(device) or self.mounter.device_binds(device))
 
+    def _finish(self, vol: NodeVolume) -> NodeVolume:
+        """Its first use: wipe what an interrupted creation may have left, then mark it done."""
+        log.info("first use of a new volume: finishing it", extra={"device": vol.device_path})
+        try:
+            return self.volumes.finish(vol)
+        except LvmError as exc:
+            raise _lvm_error(exc) from None
+        except DeviceBusy as exc:
+            raise FailedPrecondition(f"volume {vol.volume_id} was never finished and is in "
+                                     f"use: {exc}") from None
+        except BlockDeviceError as exc:
+            raise Internal(f"finishing volume {vol.volume_id}: {exc}") from None
+
     # ------------------------------------------------------------------ publish
 
     def NodePublishVolume(
@@ -397,6 +432,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
         with log_context(volume_id=volume_id, target=target), self.locks.hold(_lock_key(volume_id)):
             vol = self._active(self._volume(volume_id))
+            if vol.unfinished:
+                vol = self._finish(vol)
             encrypted = is_encrypted(vol.context)
             if encrypted:
                 vol = replace(vol, device_path=self.encryption.open(volume_id, vol.device_path))

@@ -17,7 +17,7 @@ from csi_lvm.encryption import VolumeEncryption
 from csi_lvm.identity import Identity
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
-from csi_lvm.recovery import sweep
+from csi_lvm.recovery import SweepMetrics, sweep
 from csi_lvm.rewrap import RewrapLoop
 from csi_lvm.volume_keys import BackendsFileError, KeyBackends, load_backends_file
 from edge_common.lvm import Lvm, LvmError, LvmSettings
@@ -42,7 +42,9 @@ class Driver:
         self.registry = registry or CollectorRegistry()
         self.lvm: Lvm | None = None
         self.cache: CapacityCache | None = None
+        self.sweep_metrics: SweepMetrics | None = None
         if config.mode is Mode.ALL:
+            self.sweep_metrics = SweepMetrics(self.registry)
             self.lvm = Lvm(lvm_settings(config))
             self.cache = CapacityCache(self.lvm, config.capacity_refresh_seconds,
                                        config.thin_overprovision_ratio)
@@ -78,9 +80,11 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            removed = sweep(self.lvm, self.config.driver_name)
-            if removed:
-                log.info("start-up sweep removed leftovers", extra={"removed": removed})
+            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics)
+            if swept.removed or swept.repaired or swept.failed:
+                log.info("start-up sweep", extra={"removed": swept.removed,
+                                                  "repaired": swept.repaired,
+                                                  "repair_failed": swept.failed})
             try:
                 self.cache.refresh()
             except LvmError as exc:

@@ -31,9 +31,12 @@ Tags (LVM charset [A-Za-z0-9_+.-/=!:&#], at most 1024 characters each)
     csi-lvm.edge.io/source=<kind>:<id>      content source: "snapshot:<vg>/<lv>", "volume:<vg>/<lv>"
                                             (on snapshots: "volume:<source volume id>")
     csi-lvm.edge.io/ctx=<base64url(JSON)>   the volume context returned by CreateVolume
-    csi-lvm.edge.io/pending                 set while CreateVolume/CreateSnapshot fills the LV;
-                                            such an LV was never handed out: a retry (or the
-                                            start-up sweep) removes and redoes it
+    csi-lvm.edge.io/pending                 set while CreateVolume fills the LV (copy, restore,
+                                            full zeroing); such an LV was never handed out: a
+                                            retry (or the start-up sweep) removes and redoes it
+    csi-lvm.edge.io/unfinished              born with EVERY LV (in its own lvcreate): not yet
+                                            made safe, never given to a workload; the first use
+                                            wipes it and removes the tag (csi_lvm/finish.py)
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ TAG_SIZE = TAG_PREFIX + "size="
 TAG_SOURCE = TAG_PREFIX + "source="
 TAG_CONTEXT = TAG_PREFIX + "ctx="
 TAG_PENDING = TAG_PREFIX + "pending"
+TAG_UNFINISHED = TAG_PREFIX + "unfinished"
 TAG_OVERPROVISION = TAG_PREFIX + "overprovision="  # on a thin pool (set by the operator/NRM)
 MAX_TAG_LEN = 1024
 
@@ -195,6 +199,7 @@ class Ownership:
     source: str = ""  # "<kind>:<id>" or ""
     context: dict[str, str] = field(default_factory=dict)
     pending: bool = False
+    unfinished: bool = False
 
     @property
     def source_kind(self) -> str:
@@ -216,6 +221,7 @@ def read_tags(tags: Iterable[str], driver_name: str) -> Ownership:
     source = ""
     context: dict[str, str] = {}
     pending = False
+    unfinished = False
     for tag in tags:
         if tag.startswith(TAG_KIND):
             kind = tag[len(TAG_KIND):]
@@ -231,7 +237,9 @@ def read_tags(tags: Iterable[str], driver_name: str) -> Ownership:
             context = decode_context(tag[len(TAG_CONTEXT):]) or {}
         elif tag == TAG_PENDING:
             pending = True
-    return Ownership(True, kind, name, created, size, source, context, pending)
+        elif tag == TAG_UNFINISHED:
+            unfinished = True
+    return Ownership(True, kind, name, created, size, source, context, pending, unfinished)
 
 
 def _int_or_none(text: str) -> int | None:
@@ -251,7 +259,9 @@ def build_tags(
     source: str = "",
     context: Mapping[str, str] | None = None,
     pending: bool = False,
+    unfinished: bool = True,
 ) -> list[str]:
+    """The tags of a new LV; ``unfinished`` is on by default: every LV is born with it."""
     tags = [owner_tag(driver_name), TAG_KIND + kind, TAG_NAME + encode_name(csi_name),
             TAG_CREATED + str(created)]
     if size is not None:
@@ -262,6 +272,8 @@ def build_tags(
         tags.append(TAG_CONTEXT + encode_context(context))
     if pending:
         tags.append(TAG_PENDING)
+    if unfinished:
+        tags.append(TAG_UNFINISHED)
     for tag in tags:
         if not is_valid_tag(tag):
             raise ValueError(f"tag too long or with characters LVM refuses: {tag[:80]}...")

@@ -20,7 +20,9 @@ from edge_common.lvm.errors import (
     LvmCommandNotFound,
     LvmError,
     LvmOutputError,
+    LvmStillRunning,
     LvmTimeout,
+    still_running,
 )
 from edge_common.lvm.records import LogicalVolume, LvmReport, PhysicalVolume, VolumeGroup
 from edge_common.lvm.runner import Lvm
@@ -37,7 +39,9 @@ __all__ = [
     "LvmOutputError",
     "LvmReport",
     "LvmSettings",
+    "LvmStillRunning",
     "LvmTimeout",
     "PhysicalVolume",
     "VolumeGroup",
+    "still_running",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 #: Exit code lvm uses for almost every failure of a command that did run.
 ECMD_FAILED = 5
@@ -21,6 +22,7 @@ _NO_SPACE = re.compile(
     r"insufficient free space|insufficient suitable allocatable extents", re.IGNORECASE
 )
 _ALREADY_EXISTS = re.compile(r"already exists", re.IGNORECASE)
+_IN_USE = re.compile(r"\bin use\b|\bis open\b", re.IGNORECASE)
 
 
 class LvmError(Exception):
@@ -53,9 +55,36 @@ class LvmError(Exception):
     def is_already_exists(self) -> bool:
         return self.exit_code == ECMD_FAILED and bool(_ALREADY_EXISTS.search(self.stderr))
 
+    def is_in_use(self) -> bool:
+        """LVM refused because the LV is open or mounted ("Logical volume x in use")."""
+        return self.exit_code == ECMD_FAILED and bool(_IN_USE.search(self.stderr))
+
 
 class LvmTimeout(LvmError):
-    """The command was killed on timeout: the state it left is UNKNOWN."""
+    """The command did not finish in time. A report was killed; for a change see
+    LvmStillRunning. Either way the state is UNKNOWN until the next look."""
+
+
+class LvmStillRunning(LvmTimeout):
+    """A state-changing command outlived its timeout and was left running (never killed: a kill
+    between e.g. suspend and resume would leave the LV suspended). ``finished`` is a
+    concurrent.futures.Future that completes when the command ends; whoever holds a lock for
+    the object it changes should keep holding it until then."""
+
+    def __init__(self, argv: Sequence[str], message: str, finished: Future[object]) -> None:
+        super().__init__(argv, None, "", message=message)
+        self.finished = finished
+
+
+def still_running(exc: BaseException | None) -> LvmStillRunning | None:
+    """The LvmStillRunning behind exc (itself, or its cause/context chain), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LvmStillRunning):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class LvmCommandNotFound(LvmError):

@@ -1,8 +1,12 @@
 """The Lvm runner: every lvm invocation of the project goes through here.
 
 One method = one lvm process. Argument lists only, a timeout on every command, JSON reports
-in bytes. Changes never pass force flags; creation answers prompts with --yes only where a
-prompt is about the new LV itself (lvcreate/lvremove), never for pvcreate/vgcreate/vgextend,
+in bytes. Only reports are killed on timeout: a command that changes state is never killed
+(LvmStillRunning; it finishes in the background), because a kill between its steps (e.g.
+between suspend and resume) leaves the device worse than any wait.
+
+Changes never pass force flags; creation answers prompts with --yes only where a prompt is
+about the new LV itself (lvcreate/lvremove), never for pvcreate/vgcreate/vgextend,
 whose prompts ask whether to wipe a foreign signature: there, the non-interactive "no" is the
 safe answer and the command fails.
 """
@@ -12,13 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from edge_common.commands import CommandError, CommandNotFound, CommandResult, CommandTimeout, run
+from edge_common.commands import (
+    CommandError,
+    CommandNotFound,
+    CommandResult,
+    CommandStillRunning,
+    CommandTimeout,
+    run,
+)
 from edge_common.lvm import report as rep
-from edge_common.lvm.errors import LvmCommandNotFound, LvmError, LvmTimeout, describe
+from edge_common.lvm.errors import (
+    LvmCommandNotFound,
+    LvmError,
+    LvmStillRunning,
+    LvmTimeout,
+    describe,
+)
 from edge_common.lvm.records import LogicalVolume, LvmReport, PhysicalVolume, VolumeGroup
 from edge_common.lvm.settings import LvmSettings
 
 T = TypeVar("T")
+
+#: Sub-commands that only read: the only ones a timeout may kill.
+READ_ONLY_SUBCOMMANDS = frozenset({"fullreport", "vgs", "lvs", "pvs", "version", "segs"})
 
 
 def _size(size_bytes: int) -> str:
@@ -80,15 +100,22 @@ class Lvm:
         return argv + list(args)
 
     def command(self, subcommand: str, *args: str, timeout: float | None = None) -> CommandResult:
-        """Run one lvm sub-command; LvmError on failure, LvmTimeout on timeout.
+        """Run one lvm sub-command; LvmError on failure, LvmTimeout on timeout (a report is
+        killed; any other sub-command is left running: LvmStillRunning).
 
         The escape hatch for what has no method (test rigs use it for vgremove/pvremove, which
         the services never run)."""
         argv = self.argv(subcommand, args)
         limit = self.settings.timeout if timeout is None else timeout
+        read_only = subcommand in READ_ONLY_SUBCOMMANDS
         try:
             env = {"LVM_SUPPRESS_FD_WARNINGS": "1", **dict(self.settings.env)}
-            return run(argv, timeout=limit, env=env)
+            return run(argv, timeout=limit, env=env, kill_on_timeout=read_only)
+        except CommandStillRunning as exc:
+            raise LvmStillRunning(
+                argv, f"lvm {subcommand} still running after {limit:.1f}s; it is left to "
+                "finish (a change is never killed midway)", exc.finished,  # type: ignore[arg-type]
+            ) from None
         except CommandTimeout:
             raise LvmTimeout(
                 argv, None, "", message=f"lvm {subcommand} killed after {limit:.1f}s: state unknown"
@@ -191,10 +218,19 @@ class Lvm:
 
     # ---------------------------------------------------------------- changes: PVs and VGs
 
-    def pvcreate(self, devices: Sequence[str], *, timeout: float | None = None) -> None:
+    def pvcreate(
+        self, devices: Sequence[str], *, uuid: str | None = None, timeout: float | None = None
+    ) -> None:
         """Never forced: a device with a foreign signature makes lvm ask, the answer is no,
-        and the command fails leaving the device untouched."""
-        self.command("pvcreate", "--", *_check_devices(devices), timeout=timeout)
+        and the command fails leaving the device untouched. ``uuid``: the new PV's UUID,
+        chosen by the caller (one device only), so that it can be recorded before it exists."""
+        devs = _check_devices(devices)
+        args: list[str] = []
+        if uuid is not None:
+            if len(devs) != 1 or not uuid or uuid.startswith("-"):
+                raise ValueError("a PV UUID applies to exactly one device")
+            args = ["--uuid", uuid, "--norestorefile"]
+        self.command("pvcreate", *args, "--", *devs, timeout=timeout)
 
     def vgcreate(
         self,
@@ -365,6 +401,26 @@ class Lvm:
     ) -> None:
         self._tags("--deltag", vg, name, tags, timeout)
 
+    def retag(
+        self,
+        vg: str,
+        name: str,
+        *,
+        add: Sequence[str] = (),
+        delete: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> None:
+        """Delete and add LV tags in ONE lvchange (a reader never sees neither or both)."""
+        args: list[str] = []
+        for tag in _check_tags(delete):
+            args += ["--deltag", tag]
+        for tag in _check_tags(add):
+            args += ["--addtag", tag]
+        if not args:
+            return
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        self.command("lvchange", *args, "--", target, timeout=timeout)
+
     def _tags(
         self, flag: str, vg: str, name: str, tags: Sequence[str], timeout: float | None
     ) -> None:
@@ -401,6 +457,13 @@ class Lvm:
             args.append("--ignoreactivationskip")
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
         self.command("lvchange", *args, "--", target, timeout=timeout)
+
+    def refresh(self, vg: str, name: str, *, timeout: float | None = None) -> None:
+        """Reload the LV's kernel table from the committed metadata and resume it
+        (``lvchange --refresh``): repairs an LV left suspended or half-changed by a command
+        that died midway."""
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        self.command("lvchange", "--refresh", "--", target, timeout=timeout)
 
     def deactivate(self, vg: str, name: str, *, timeout: float | None = None) -> None:
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"

@@ -17,7 +17,8 @@ class LvmSettings:
     """Documented settings of the LVM layer.
 
     command:    the prefix that runs lvm, e.g. ``("lvm",)`` or
-                ``("nsenter", "--mount=/proc/1/ns/mnt", "--", "lvm")`` in a container.
+                ``("nsenter", "--mount=/proc/1/ns/mnt", "--ipc=/proc/1/ns/ipc", "--", "lvm")``
+                in a container (the IPC namespace carries libdevmapper's udev cookies).
     extra_args: appended after every sub-command, e.g. ``("--driverloaded", "n")`` on a kernel
                 without device-mapper (see ``Lvm.settings_for_this_kernel``).
     timeout:    default per-command timeout in seconds (each method may override it).

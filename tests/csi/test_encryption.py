@@ -404,7 +404,7 @@ def test_a_backend_that_stops_answering_shows_in_the_condition_until_it_answers_
     away = ring.with_suffix(".away")
     ring.rename(away)
     outcome = enc.rewrap_all([("vg/lv", str(dev))])
-    assert outcome["vg/lv"].startswith("failed:") and "unreachable" in outcome["vg/lv"]
+    assert outcome["vg/lv"].startswith("failed:") and "unreadable" in outcome["vg/lv"]
     assert "cannot be checked" in (enc.problem("vg/lv") or "")
     away.rename(ring)
     assert enc.rewrap_all([("vg/lv", str(dev))]) == {"vg/lv": "current"}

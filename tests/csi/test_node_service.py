@@ -29,6 +29,7 @@ import pytest
 from csi_lvm import filesystem
 from csi_lvm.config import CsiConfig
 from csi_lvm.filesystem import make_filesystem, probe
+from csi_lvm.finish import make_safe
 from csi_lvm.mounter import Mounter
 from csi_lvm.node import NODE_CAPABILITIES, LvmVolumes, NodeService, NodeVolume
 from csi_lvm.stats import filesystem_usage
@@ -87,6 +88,8 @@ class LoopVolumes:
     lookups: list[str] = field(default_factory=list)
     held: dict[str, tuple[threading.Event, threading.Event]] = field(default_factory=dict)
     extent: int = MiB
+    unfinished: set[str] = field(default_factory=set)  # ids whose first use must finish them
+    finished: list[str] = field(default_factory=list)
 
     def add(self, volume_id: str, disk: LoopDisk, **context: str) -> str:
         self.disks[volume_id] = disk
@@ -108,10 +111,16 @@ class LoopVolumes:
         if disk is None:
             return None
         return NodeVolume(volume_id, disk.device, os.path.getsize(disk.path), True,
-                          self.contexts[volume_id])
+                          self.contexts[volume_id], unfinished=volume_id in self.unfinished)
 
     def activate(self, volume: NodeVolume) -> NodeVolume:
         return volume
+
+    def finish(self, volume: NodeVolume) -> NodeVolume:
+        make_safe(volume.device_path, volume.size)  # what LvmVolumes.finish does before deltag
+        self.unfinished.discard(volume.volume_id)
+        self.finished.append(volume.volume_id)
+        return replace(volume, unfinished=False)
 
     def extend(self, volume: NodeVolume, required_bytes: int, limit_bytes: int) -> NodeVolume:
         if not required_bytes or volume.size >= required_bytes:
@@ -890,3 +899,46 @@ def test_lvm_volumes_extend_rounds_to_extents_and_maps_lvm_refusals(
     striped = volumes.lookup(f"{vg.name}/pvc-striped")
     assert striped is not None and striped.stripes == 2
     assert volumes.extend(striped, 8 * MiB + 1, 0).size == 8 * MiB + 2 * extent
+
+
+# ---------------------------------------------------------------------------- unfinished volumes
+
+
+def test_first_publish_of_an_unfinished_volume_never_shows_the_previous_tenant(
+    node: NodeRig, loop_disks: LoopDiskFactory
+) -> None:
+    # A killed lvcreate: the LV exists with every tag but its extents still hold an earlier
+    # tenant's filesystem. The first publish wipes it and gives a fresh one.
+    volume_id, disk = new_volume(node, loop_disks, fsType="ext4")
+    make_filesystem("ext4", disk.device, "")
+    previous = node.target("previous")
+    os.makedirs(previous)
+    node.mounter.mount(disk.device, previous, "ext4", [])
+    Path(previous, "secret.txt").write_text("previous tenant")
+    node.mounter.unmount_all(previous)
+    node.volumes.unfinished.add(volume_id)
+
+    target = node.target()
+    node.publish(volume_id, target, mount_cap("ext4"))
+    assert sorted(os.listdir(target)) == ["lost+found"]
+    assert node.volumes.finished == [volume_id]
+    node.unpublish(volume_id, target)
+    node.publish(volume_id, target, mount_cap("ext4"))  # finished once, never again
+    assert node.volumes.finished == [volume_id]
+    node.unpublish(volume_id, target)
+
+
+def test_first_block_publish_of_an_unfinished_volume_has_no_old_signature(
+    node: NodeRig, loop_disks: LoopDiskFactory
+) -> None:
+    volume_id, disk = new_volume(node, loop_disks)
+    make_filesystem("ext4", disk.device, "")
+    node.volumes.unfinished.add(volume_id)
+    target = node.target("raw")
+    node.publish(volume_id, target, block_cap())
+    assert probe(target).fs_type is None
+    with open(target, "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+        f.seek(-MiB, os.SEEK_END)
+        assert f.read(MiB) == bytes(MiB)
+    node.unpublish(volume_id, target)
