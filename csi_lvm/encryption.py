@@ -23,10 +23,12 @@ import os
 import platform
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter
 
 from csi_lvm import blockdev
 from csi_lvm.cryptsetup import CryptError, Cryptsetup, mapper_path, mapping_backing_device
@@ -115,14 +117,44 @@ class NewKey:
         return f"NewKey(luks_uuid={self.luks_uuid!r}, backend={self.wrapped.backend!r})"
 
 
+OPERATIONS = ("wrap", "unwrap", "rewrap", "erase")
+
+
+class KeyMetrics:
+    """Counts of volume key operations (never keys): what an operator audits."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.operations = Counter(
+            "csi_lvm_volume_key_operations", "Key operations on encrypted volumes: "
+            "operation=wrap (CreateVolume), unwrap (open, resize, re-wrap), rewrap (a token "
+            "moved to the current root key), erase (crypto-erase at DeleteVolume); "
+            "result=ok|error", ["operation", "result"], registry=registry)
+        for operation in OPERATIONS:
+            for result in ("ok", "error"):
+                self.operations.labels(operation=operation, result=result)
+
+
 class VolumeEncryption:
     def __init__(self, backends: KeyBackends, crypt: Cryptsetup | None = None, *,
-                 kernel_problem: Callable[[], str | None] = dm_crypt_problem) -> None:
+                 kernel_problem: Callable[[], str | None] = dm_crypt_problem,
+                 metrics: KeyMetrics | None = None) -> None:
         self.backends = backends
         self.crypt = crypt or Cryptsetup()
+        self.metrics = metrics
         self._kernel_problem = kernel_problem
         self._problems: dict[str, str] = {}  # volume_id -> why its key cannot be unwrapped
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _counted(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.operations.labels(operation=operation, result="error").inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.operations.labels(operation=operation, result="ok").inc()
 
     # ------------------------------------------------------------------ checks
 
@@ -149,7 +181,8 @@ class VolumeEncryption:
         self.require_node_support()
         luks_uuid = str(uuid.uuid4())
         secret = new_volume_secret()
-        return NewKey(secret, luks_uuid, self.backends.wrap(backend, secret, luks_uuid))
+        with self._counted("wrap"):
+            return NewKey(secret, luks_uuid, self.backends.wrap(backend, secret, luks_uuid))
 
     def format(self, volume_id: str, device: str, key: NewKey) -> None:
         """A new encrypted volume: its header, then its decrypted view made blank."""
@@ -207,7 +240,8 @@ class VolumeEncryption:
     def _unwrap(self, volume_id: str, device: str) -> bytes:
         token, luks_uuid = self._read_key(volume_id, device)
         try:
-            secret = self.backends.unwrap(token, luks_uuid)
+            with self._counted("unwrap"):
+                secret = self.backends.unwrap(token, luks_uuid)
         except ServiceError as exc:
             self._note(volume_id, f"the volume key cannot be unwrapped: {exc.message}")
             raise
@@ -282,6 +316,10 @@ class VolumeEncryption:
     def crypto_erase(self, volume_id: str, device: str, size: int) -> None:
         """Destroy the key slots and the key token, then zero the whole header area: what
         is left on the extents cannot be decrypted by anyone, with any key."""
+        with self._counted("erase"):
+            self._crypto_erase(volume_id, device, size)
+
+    def _crypto_erase(self, volume_id: str, device: str, size: int) -> None:
         if self.is_open(volume_id):
             try:
                 self.crypt.close(mapper_name(volume_id))  # refused while anything uses it
@@ -322,9 +360,10 @@ class VolumeEncryption:
                 return False
             secret = self._unwrap(volume_id, device)
             try:
-                self.crypt.test_secret(device, secret)  # never store a token that does not open
-                fresh = self.backends.wrap(token.backend, secret, luks_uuid)
-                self.crypt.import_token(device, fresh.token_json(), replace=True)
+                with self._counted("rewrap"):
+                    self.crypt.test_secret(device, secret)  # only a token that opens is stored
+                    fresh = self.backends.wrap(token.backend, secret, luks_uuid)
+                    self.crypt.import_token(device, fresh.token_json(), replace=True)
             except CryptError as exc:
                 raise crypt_failure(exc) from None
             finally:

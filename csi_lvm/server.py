@@ -13,7 +13,7 @@ from csi_lvm.capacity import CapacityCache, LvmCollector
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.cryptsetup import Cryptsetup
-from csi_lvm.encryption import VolumeEncryption
+from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.identity import Identity
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
@@ -50,7 +50,7 @@ class Driver:
                                        config.thin_overprovision_ratio)
             self.registry.register(LvmCollector(self.cache))
         self.locks = InFlight()
-        self.encryption = build_encryption(config)
+        self.encryption = build_encryption(config, self.registry)
         self.rewrap: RewrapLoop | None = None
         if self.lvm is not None:
             self.rewrap = RewrapLoop(self.encryption, self.lvm, config.driver_name,
@@ -127,7 +127,8 @@ class Driver:
             self.metrics.stop()
 
 
-def build_encryption(config: CsiConfig) -> VolumeEncryption:
+def build_encryption(config: CsiConfig,
+                     registry: CollectorRegistry | None = None) -> VolumeEncryption:
     """The node's key backends (from encryption_backends_file) and cryptsetup."""
     spec = None
     if config.encryption_backends_file:
@@ -136,4 +137,5 @@ def build_encryption(config: CsiConfig) -> VolumeEncryption:
         except BackendsFileError as exc:
             raise ValueError(str(exc)) from None
     return VolumeEncryption(KeyBackends(spec),
-                            Cryptsetup(timeout=config.cryptsetup_timeout_seconds))
+                            Cryptsetup(timeout=config.cryptsetup_timeout_seconds),
+                            metrics=KeyMetrics(registry) if registry is not None else None)

@@ -409,3 +409,33 @@ def test_a_backend_that_stops_answering_shows_in_the_condition_until_it_answers_
     away.rename(ring)
     assert enc.rewrap_all([("vg/lv", str(dev))]) == {"vg/lv": "current"}
     assert enc.problem("vg/lv") is None
+
+
+def test_key_operations_are_counted_by_outcome_never_with_key_material(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from csi_lvm.encryption import KeyMetrics
+
+    ring = tmp_path / "keyring.json"
+    local.keygen(ring, "node-ring")
+    registry = CollectorRegistry()
+    backends = KeyBackends(parse_backends({"backends": {"node": {"type": "local",
+                                                                  "keyring": str(ring)}}}))
+    enc = VolumeEncryption(backends, kernel_problem=lambda: None, metrics=KeyMetrics(registry))
+    a, b = blank_file(tmp_path), blank_file(tmp_path)
+    key_a, key_b = enc.prepare("node"), enc.prepare("node")
+    enc.write_header(str(a), key_a)
+    enc.write_header(str(b), key_b)
+    enc._unwrap("vg/b", str(b))
+    enc.crypt.import_token(str(a), key_b.wrapped.token_json(), replace=True)
+    with pytest.raises(FailedPrecondition):
+        enc._unwrap("vg/a", str(a))
+
+    def count(operation: str, result: str) -> float | None:
+        return registry.get_sample_value("csi_lvm_volume_key_operations_total",
+                                         {"operation": operation, "result": result})
+
+    assert (count("wrap", "ok"), count("unwrap", "ok"), count("unwrap", "error")) == (2, 1, 1)
+    text = generate_latest(registry)
+    assert key_a.secret.hex().encode() not in text and key_a.wrapped.wrapped not in text
+    backends.close()
