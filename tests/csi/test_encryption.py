@@ -439,3 +439,19 @@ def test_key_operations_are_counted_by_outcome_never_with_key_material(tmp_path:
     text = generate_latest(registry)
     assert key_a.secret.hex().encode() not in text and key_a.wrapped.wrapped not in text
     backends.close()
+
+
+def test_a_node_without_cryptsetup_or_dm_crypt_says_which_is_missing(tmp_path: Path) -> None:
+    from csi_lvm.encryption import dm_crypt_problem
+
+    missing = VolumeEncryption(KeyBackends(None), Cryptsetup(binary="/nonexistent/cryptsetup"),
+                               kernel_problem=lambda: None)
+    with pytest.raises(FailedPrecondition, match="cryptsetup is not installed"):
+        missing.require_node_support()
+    misc = tmp_path / "misc"
+    misc.write_text(" 62 rfkill\n")
+    assert "no device-mapper" in (dm_crypt_problem(misc, tmp_path, tmp_path) or "")
+    misc.write_text(" 62 rfkill\n236 device-mapper\n")
+    assert "no dm-crypt" in (dm_crypt_problem(misc, tmp_path, tmp_path) or "")
+    (tmp_path / "dm_crypt").mkdir()  # /sys/module/dm_crypt: loaded
+    assert dm_crypt_problem(misc, tmp_path, tmp_path) is None
