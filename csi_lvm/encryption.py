@@ -50,6 +50,7 @@ from edge_common.errors import (
     ServiceError,
     Unavailable,
 )
+from kms_plugin.backends.base import RootKeyVersion
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class VolumeEncryption:
         self.metrics = metrics
         self._kernel_problem = kernel_problem
         self._problems: dict[str, str] = {}  # volume_id -> why its key cannot be unwrapped
+        # volume_id -> (backend, root key version) of its token as last seen: the periodic
+        # re-wrap check compares against it and touches no device unless a rotation happened.
+        self._wrapped_under: dict[str, tuple[str, RootKeyVersion]] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -188,6 +192,7 @@ class VolumeEncryption:
         """A new encrypted volume: its header, then its decrypted view made blank."""
         self.write_header(device, key)
         self.blank(volume_id, device, key)
+        self._remember(volume_id, key.wrapped)
 
     def write_header(self, device: str, key: NewKey) -> None:
         """The LUKS2 header (key slot 0 under the secret) and the wrapped-key token."""
@@ -235,7 +240,12 @@ class VolumeEncryption:
             token = parse_token(json.dumps(ours[0]))
         except InvalidToken as exc:
             raise FailedPrecondition(f"volume {volume_id}: {exc}; refusing to open") from None
+        self._remember(volume_id, token)
         return token, header.uuid
+
+    def _remember(self, volume_id: str, token: WrappedKey) -> None:
+        with self._lock:
+            self._wrapped_under[volume_id] = (token.backend, token.key)
 
     def _unwrap(self, volume_id: str, device: str) -> bytes:
         token, luks_uuid = self._read_key(volume_id, device)
@@ -337,26 +347,34 @@ class VolumeEncryption:
         span = header.data_offset if header is not None else DEFAULT_HEADER_BYTES
         blockdev.zero_range(device, 0, min(span, size))
         self._note(volume_id, None)
+        with self._lock:
+            self._wrapped_under.pop(volume_id, None)
         log.info("encrypted volume crypto-erased", extra={"header_bytes": min(span, size)})
 
     # ------------------------------------------------------------------ rotation
 
-    def rewrap(self, volume_id: str, device: str,
-               guard: Guard = _no_guard) -> bool:
+    def rewrap(self, volume_id: str, device: str, guard: Guard = _no_guard,
+               current_key: Callable[[str], RootKeyVersion] | None = None) -> bool:
         """Re-wrap the volume's key under its backend's current root key (the volume may be
         open and mounted: only the token in the header changes). True when it changed.
 
-        The check reads only; ``guard(volume_id)`` (the volume's in-flight key) is held just
-        for the rewrite, so the periodic check never makes an RPC wait or fail."""
-        token, _uuid = self._read_key(volume_id, device)
-        current = self.backends.current_key(token.backend)
-        if current == token.key:
+        The check compares with the token as last seen (at create, publish or the previous
+        round) and touches no device; the header is read and rewritten only after a rotation
+        (or once after a restart), holding ``guard(volume_id)`` (the volume's in-flight key).
+        """
+        current_of = current_key or self.backends.current_key
+        with self._lock:
+            known = self._wrapped_under.get(volume_id)
+        if known is not None and current_of(known[0]) == known[1]:
             if (self.problem(volume_id) or "").startswith(_CHECK_FAILED):
                 self._note(volume_id, None)  # the backend answers again
             return False
         with guard(volume_id):
             token, luks_uuid = self._read_key(volume_id, device)  # as it is now
+            current = current_of(token.backend)
             if token.key == current:
+                if (self.problem(volume_id) or "").startswith(_CHECK_FAILED):
+                    self._note(volume_id, None)
                 return False
             secret = self._unwrap(volume_id, device)
             try:
@@ -368,6 +386,7 @@ class VolumeEncryption:
                 raise crypt_failure(exc) from None
             finally:
                 del secret
+            self._remember(volume_id, fresh)
         log.info("volume key re-wrapped", extra={"volume_id": volume_id,
                                                  "key_backend": token.backend,
                                                  "key_version": fresh.key.version})
@@ -379,9 +398,16 @@ class VolumeEncryption:
         noted for VolumeCondition when the volume still ``exists`` (it may have just been
         deleted under the check)."""
         outcome: dict[str, str] = {}
+        currents: dict[str, RootKeyVersion] = {}
+
+        def current_key(backend: str) -> RootKeyVersion:  # one backend call per round
+            if backend not in currents:
+                currents[backend] = self.backends.current_key(backend)
+            return currents[backend]
+
         for volume_id, device in volumes:
             try:
-                changed = self.rewrap(volume_id, device, guard)
+                changed = self.rewrap(volume_id, device, guard, current_key)
                 outcome[volume_id] = "rewrapped" if changed else "current"
             except Aborted:
                 outcome[volume_id] = "busy"  # an RPC holds it: the next round
