@@ -9,14 +9,17 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry
 
-from csi_lvm.capacity import CapacityCache, LvmCollector
+from csi_lvm.capacity import CapacityCache, LvmCollector, PoolThresholds
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.cryptsetup import Cryptsetup
 from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.identity import Identity
+from csi_lvm.jobs import Jobs
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
+from csi_lvm.poolwatch import PoolWatch, make_sink
+from csi_lvm.published import PublishedCapacity
 from csi_lvm.recovery import SweepMetrics, sweep
 from csi_lvm.rewrap import RewrapLoop
 from csi_lvm.volume_keys import BackendsFileError, KeyBackends, load_backends_file
@@ -34,6 +37,23 @@ def lvm_settings(config: CsiConfig) -> LvmSettings:
         config.lvm_config, auto_driverloaded=config.lvm_auto_driverloaded)
 
 
+def published_capacity(config: CsiConfig) -> PublishedCapacity | None:
+    """Mode controller: the nodes' CSIStorageCapacity objects, when the API is reachable."""
+    if config.mode is not Mode.CONTROLLER:
+        return None
+    from edge_common.kubeapi import ApiError
+    from node_resource_manager.kube import make_client
+
+    try:
+        api = make_client(config.kubeconfig)
+    except (ApiError, OSError, ValueError, KeyError) as exc:
+        log.warning("no Kubernetes API: ControllerExpandVolume cannot check what the nodes "
+                    "publish and leaves the decision to the node", extra={"error": str(exc)})
+        return None
+    return PublishedCapacity(api, config.driver_name, config.topology_key,
+                             config.storage_capacity_namespace)
+
+
 class Driver:
     """One csi-lvm process: build with a config, start(), stop()."""
 
@@ -46,17 +66,25 @@ class Driver:
         if config.mode is Mode.ALL:
             self.sweep_metrics = SweepMetrics(self.registry)
             self.lvm = Lvm(lvm_settings(config))
-            self.cache = CapacityCache(self.lvm, config.capacity_refresh_seconds,
-                                       config.thin_overprovision_ratio)
+            self.cache = CapacityCache(
+                self.lvm, config.capacity_refresh_seconds, config.thin_overprovision_ratio,
+                PoolThresholds.of(config),
+                recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
+            self.pool_watch = PoolWatch(make_sink(config), config.thin_overprovision_ratio,
+                                        PoolThresholds.of(config), config.node_id)
+            self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
         self.encryption = build_encryption(config, self.registry)
         self.rewrap: RewrapLoop | None = None
         if self.lvm is not None:
             self.rewrap = RewrapLoop(self.encryption, self.lvm, config.driver_name,
                                      config.encryption_rewrap_seconds, self.locks)
-        self.identity = Identity(config, self.lvm)
+        self.identity = Identity(config, self.lvm, self.cache)
+        self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
+                         self.registry if config.mode is Mode.ALL else None)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
+                                     published_capacity(config), self.jobs,
                                      encryption=self.encryption)
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),

@@ -22,13 +22,13 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from node_resource_manager.events import Deduper
-from node_resource_manager.kubeapi import (
+from edge_common.kubeapi import (
     ApiError,
     KubeClient,
     in_cluster_config,
     load_kubeconfig,
 )
+from node_resource_manager.events import Deduper
 from node_resource_manager.reconcile import ConfigState
 from node_resource_manager.sources import Snapshot, config_from_text
 
@@ -233,8 +233,10 @@ class KubeSink:
         heartbeat: float = 300.0,
         deduper: Deduper | None = None,
         node_uid: Callable[[], str | None] = lambda: None,
+        component: str = COMPONENT,
     ) -> None:
         self.api = api
+        self.component = component  # csi-lvm posts its Events on the Node through this too
         self.node_name = node_name
         self.annotation = annotation
         self.heartbeat = heartbeat
@@ -279,8 +281,8 @@ class KubeSink:
             "reason": reason,
             "message": message[:MAX_MESSAGE],
             "type": "Warning" if warning else "Normal",
-            "source": {"component": COMPONENT, "host": self.node_name},
-            "reportingComponent": COMPONENT,
+            "source": {"component": self.component, "host": self.node_name},
+            "reportingComponent": self.component,
             "reportingInstance": self.node_name,
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,
