@@ -91,7 +91,12 @@ def dm_info(name: str, control: str = DM_CONTROL) -> DmInfo | None:
         raise DmError(f"DM_DEV_STATUS {name}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    fields = _DM_STRUCT.unpack(bytes(buffer))
-    open_count, flags, dev = fields[6], fields[7], fields[9]
+    return parse_dm_status(name, bytes(buffer))
+
+
+def parse_dm_status(name: str, answer: bytes) -> DmInfo:
+    """The kernel's answer to DM_DEV_STATUS (a struct dm_ioctl) as a DmInfo."""
+    (_v0, _v1, _v2, _size, _start, _targets, open_count, flags, _event_nr, _padding, dev,
+     _name, _uuid, _data) = _DM_STRUCT.unpack(answer[:_DM_STRUCT.size])
     return DmInfo(name, _decode_dev(dev), open_count, bool(flags & _DM_SUSPEND_FLAG),
                   bool(flags & _DM_ACTIVE_PRESENT_FLAG), bool(flags & _DM_INACTIVE_PRESENT_FLAG))
