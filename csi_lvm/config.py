@@ -132,6 +132,14 @@ class CsiConfig:
         "", help="host:port for /metrics, /healthz and /readyz; empty: disabled",
         metavar="HOST:PORT",
     )
+    node_events: bool = option(
+        False, help="post Kubernetes Events on this node (node_id) when the start-up sweep "
+        "repairs a volume (in-cluster service account, or --kubeconfig)",
+    )
+    kubeconfig: str = option(
+        "", help="kubeconfig file for --node-events; empty: in-cluster service account",
+        metavar="FILE",
+    )
     log_level: str = option("INFO", help="log level", metavar="LEVEL")
     log_json: bool = option(True, help="JSON log lines (off: human-readable)")
 

@@ -15,7 +15,7 @@ from csi_lvm.controller import Controller
 from csi_lvm.identity import Identity
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
-from csi_lvm.recovery import SweepMetrics, sweep
+from csi_lvm.recovery import EventSink, SweepMetrics, log_event, sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from edge_common.server import GrpcServer, RpcMetrics
@@ -70,7 +70,8 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics)
+            swept = sweep(self.lvm, self.config.driver_name, events=self._event_sink(),
+                          metrics=self.sweep_metrics)
             if swept.removed or swept.repaired or swept.failed:
                 log.info("start-up sweep", extra={"removed": swept.removed,
                                                   "repaired": swept.repaired,
@@ -89,6 +90,20 @@ class Driver:
         log.info("csi-lvm started", extra={"mode": self.config.mode.value,
                                            "driver": self.config.driver_name,
                                            "node_id": self.config.node_id})
+
+    def _event_sink(self) -> EventSink:
+        """Kubernetes Events on this Node (--node-events), else log lines only."""
+        if not self.config.node_events:
+            return log_event
+        from node_resource_manager.kube import KubeSink, make_client
+
+        try:
+            sink = KubeSink(make_client(self.config.kubeconfig), node_name=self.config.node_id,
+                            annotation="", component="csi-lvm")
+        except Exception as exc:  # noqa: BLE001 - never keep the driver from starting
+            log.warning("no Kubernetes Events: cannot reach the API", extra={"error": str(exc)})
+            return log_event
+        return lambda reason, message, warning: sink.event(reason, message, warning=warning)
 
     def stop(self, grace: float = 10.0) -> None:
         self.server.stop(grace)

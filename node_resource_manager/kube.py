@@ -233,8 +233,10 @@ class KubeSink:
         heartbeat: float = 300.0,
         deduper: Deduper | None = None,
         node_uid: Callable[[], str | None] = lambda: None,
+        component: str = COMPONENT,
     ) -> None:
         self.api = api
+        self.component = component  # csi-lvm reuses the Event half for its start-up repairs
         self.node_name = node_name
         self.annotation = annotation
         self.heartbeat = heartbeat
@@ -279,8 +281,8 @@ class KubeSink:
             "reason": reason,
             "message": message[:MAX_MESSAGE],
             "type": "Warning" if warning else "Normal",
-            "source": {"component": COMPONENT, "host": self.node_name},
-            "reportingComponent": COMPONENT,
+            "source": {"component": self.component, "host": self.node_name},
+            "reportingComponent": self.component,
             "reportingInstance": self.node_name,
             "firstTimestamp": stamp,
             "lastTimestamp": stamp,

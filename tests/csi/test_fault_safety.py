@@ -141,3 +141,17 @@ def test_the_sweep_refreshes_lvs_left_suspended_or_without_their_live_table(
 ) -> None:
     found = needs_refresh(record(attr, name="pvc-a"))
     assert (found is None) if why is None else (found is not None and why in found)
+
+
+def test_sweep_repairs_become_warning_events_on_the_node(fake_kube: Any, tmp_path: Path) -> None:
+    from csi_lvm.config import CsiConfig
+    from csi_lvm.server import Driver
+
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "kubeconfig")
+    driver = Driver(CsiConfig(node_id="edge-node-9", node_events=True,
+                              kubeconfig=str(kubeconfig)))
+    sink = driver._event_sink()
+    sink("VolumeRepaired", "volume vg0/pvc-a was left suspended; repaired at start-up", True)
+    (event,) = fake_kube.events(reason="VolumeRepaired", involved_name="edge-node-9")
+    assert event["type"] == "Warning" and event["source"]["component"] == "csi-lvm"
+    assert "left suspended" in event["message"]

@@ -276,10 +276,18 @@ def test_every_request_of_the_running_agent_is_authorized(
 # ------------------------------------------------------------------------------ the others
 
 
-def test_csi_driver_itself_calls_no_kubernetes_api() -> None:
-    # csi-lvm shares the DaemonSet's service account but has no role of its own: if it starts
-    # calling the API, give it one in deploy/storage/rbac-node.yaml and extend this test.
+def test_csi_driver_may_only_record_events_on_its_node(base: tuple[Obj, ...]) -> None:
+    # csi-lvm calls the API only through node_resource_manager.kube.KubeSink.event (its
+    # start-up repairs, --node-events): its own files make no request, and its role grants
+    # exactly the Event creation in `default`.
     assert permissions_needed(package_files(ROOT / "csi_lvm")) == set()
+    roles = [o for o in base if o["kind"] in ("Role", "ClusterRole")
+             and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "csi-lvm"]
+    assert [(r["kind"], r["metadata"].get("namespace")) for r in roles] == [("Role", "default")]
+    assert granted(roles) == {Permission("", "events", "create", True)}
+    ds = one(base, "DaemonSet", "csi-lvm-node")
+    cfg = our_config(container(ds, "csi-lvm"))
+    assert cfg.node_events and not cfg.kubeconfig
 
 
 def test_kms_static_pod_does_not_enable_kubernetes_events(kms: tuple[Obj, ...]) -> None:
