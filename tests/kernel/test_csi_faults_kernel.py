@@ -38,6 +38,7 @@ from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.csi.conftest import block_cap, create_request, make_config, mount_cap
 from tests.kernel.faults import KILL, LvmFaults, alive, dm_call, stall, suspends, wait_gone
+from tests.kernel.test_csi_lifecycle import device_write, scan_for
 from tests.rigs.lvm import unique_vg_name
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1200)]
@@ -153,23 +154,9 @@ def rig(kernel_disks: list[str], lvm: Lvm, tmp_path: Path,
         lvm.command("pvremove", "--yes", "--", *kernel_disks[:2])
 
 
-def device_write(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def holds(path: str, marker: bytes, chunk: int = 4 * MiB) -> bool:
-    tail = b""
+def holds(path: str, marker: bytes) -> bool:
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            if marker in tail + block:
-                return True
-            tail = block[-(len(marker) - 1):]
-    return False
+        return scan_for(f, marker)
 
 
 def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
