@@ -21,8 +21,6 @@ COPY edge_common/ edge_common/
 COPY csi_lvm/ csi_lvm/
 COPY node_resource_manager/ node_resource_manager/
 COPY kms_plugin/ kms_plugin/
-COPY edge_demo/ edge_demo/
-COPY kernel_guest/ kernel_guest/
 RUN pip wheel --wheel-dir /wheels .
 
 # --- runtime: slim Debian with the storage tools the driver and the agent call.

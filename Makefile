@@ -14,7 +14,7 @@ lint:
 	$(VENV)/bin/ruff check .
 
 typecheck:
-	$(VENV)/bin/mypy edge_common edge_proto csi_lvm node_resource_manager kms_plugin edge_demo kernel_guest benchmarks
+	$(VENV)/bin/mypy edge_common edge_proto csi_lvm node_resource_manager kms_plugin fake_kms edge_demo kernel_guest benchmarks
 
 unit:
 	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)

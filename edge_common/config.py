@@ -43,11 +43,17 @@ def option(
     metavar: str | None = None,
     secret: bool = False,
 ) -> Any:
-    """Declare a config field. Lists and dicts get a fresh copy per instance."""
+    """Declare a config field. Lists and dicts get a fresh copy per instance.
+
+    A ``secret`` option is never a command-line flag (flags show in ``ps`` and
+    /proc/PID/cmdline): it comes from the file or the environment only, and never appears in
+    the instance's repr.
+    """
     meta = {_META: _OptionMeta(help=help, env=env, metavar=metavar, secret=secret)}
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta,
+                                 repr=not secret)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help="YAML file with any of the options below (keys as snake_case or kebab-case)",
         )
     for f, tp, meta in _fields(cls):
+        if meta.secret:
+            continue  # file or environment only
         inner, _ = _unwrap_optional(tp)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         default = _default_of(f)
@@ -311,7 +319,7 @@ def describe(cls: type, env_prefix: str) -> list[OptionDoc]:
         rows.append(
             OptionDoc(
                 name=f.name,
-                flag=_flag(f.name),
+                flag="" if meta.secret else _flag(f.name),
                 env=_env_name(env_prefix, f.name) if meta.env else None,
                 type=_type_name(tp),
                 default="" if meta.secret or default is None else _show(default),
@@ -329,8 +337,9 @@ def markdown_table(cls: type, env_prefix: str) -> str:
     for row in describe(cls, env_prefix):
         default = f"`{_cell(row.default)}`" if row.default != "" else ""
         env = f"`{row.env}`" if row.env else ""
+        flag = f"`{row.flag}`" if row.flag else "(none: secret)"
         lines.append(
-            f"| `{row.name}` | `{row.flag}` | {env} | {_cell(row.type)} | {default} "
+            f"| `{row.name}` | {flag} | {env} | {_cell(row.type)} | {default} "
             f"| {_cell(row.help)} |"
         )
     return "\n".join(lines)

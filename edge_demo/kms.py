@@ -1,7 +1,7 @@
 """Part 3: Secrets encrypted at rest through kms-plugin, as kube-apiserver stores them.
 
 First the ``local`` backend (a keyring file made by ``kms-plugin keygen``), then ``awskms``
-against the fake AWS KMS shipped in the package (``kms-plugin fake-kms``): writes and reads,
+against the fake AWS KMS of the checkout (``python -m fake_kms``): writes and reads,
 a key rotation picked up by the running plugin, ``kms-plugin inspect`` on a stored value, and
 the KMS going away while Secrets stay readable.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,12 @@ FAKE_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/edge-demo-credentials",
     "AWS_CONFIG_FILE": "/nonexistent/edge-demo-config",
     "AWS_EC2_METADATA_DISABLED": "true",
+}
+# The fake AWS KMS is a module of the checkout, not a command of the product.
+CHECKOUT = Path(__file__).resolve().parent.parent
+FAKE_KMS = [sys.executable, "-m", "fake_kms"]
+CHECKOUT_ON_PATH = {
+    "PYTHONPATH": os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
 }
 
 
@@ -276,9 +283,9 @@ class KmsPart:
 
         # --- awskms against the fake AWS KMS ---------------------------------------------
         fake_log = ctx.log("fake-kms")
-        fake = ServiceProcess("fake-kms", [*self.kms, "fake-kms", "--create-key", "--alias",
-                                           "alias/edge-demo"], fake_log)
-        with runner.step("awskms backend against the fake AWS KMS (kms-plugin fake-kms)") as step:
+        fake = ServiceProcess("fake-kms", [*FAKE_KMS, "--create-key", "--alias", "alias/edge-demo"],
+                              fake_log, env=CHECKOUT_ON_PATH)
+        with runner.step("awskms backend against the fake AWS KMS (python -m fake_kms)") as step:
             step.log(fake_log)
             ctx.cleanup.push("fake-kms", fake.stop)
             fake.start()

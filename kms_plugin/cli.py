@@ -1,6 +1,6 @@
-"""``kms-plugin``: serve | keygen | rotate | selftest | inspect | fake-kms.
+"""``kms-plugin``: serve | keygen | rotate | selftest | inspect.
 
-Every sub-command except fake-kms takes the plugin options (``--config FILE``, flags,
+Every sub-command takes the plugin options (``--config FILE``, flags,
 ``KMS_PLUGIN_*`` environment), so ``selftest`` and ``inspect --decrypt`` use exactly the
 backend the running plugin uses.
 """
@@ -56,15 +56,17 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from kms_plugin.hardening import harden_process
     from kms_plugin.plugin import Plugin
 
+    harden_process()  # before any key is in memory
     config = _config(ns)
     _setup_logging(config)
     notifier = None
     if config.kube_events:
         from kms_plugin.events import KubeEventNotifier
 
-        notifier = KubeEventNotifier.from_environment()
+        notifier = KubeEventNotifier.from_environment()  # None (and a warning) when it can't
     plugin = Plugin.create(config, notifier=notifier)
     plugin.run_until_signal()
     return EXIT_OK
@@ -103,8 +105,11 @@ def cmd_rotate(ns: argparse.Namespace) -> int:
         from kms_plugin.backends import local
 
         ring = local.rotate(Path(config.local_keyring), reinstate=ns.reinstate, stage=ns.stage,
-                            promote=ns.promote)
-        if ns.stage:
+                            promote=ns.promote, unstage=ns.unstage)
+        if ns.unstage:
+            print(f"keyring {config.local_keyring}: dropped the staged key {ns.unstage}; "
+                  f"primary {ring.primary.version}")
+        elif ns.stage:
             staged = max(k.generation for k in ring.keys if k.state == "staged")
             print(f"keyring {config.local_keyring}: staged g{staged}; copy the file to every "
                   f"control-plane node, then run `kms-plugin rotate --promote g{staged}`")
@@ -116,9 +121,9 @@ def cmd_rotate(ns: argparse.Namespace) -> int:
     if config.backend == "pkcs11":
         from kms_plugin.backends.pkcs11 import Pkcs11Backend
 
-        if ns.reinstate or ns.stage or ns.promote:
-            print(f"{PROG}: --reinstate, --stage and --promote are only supported by the local "
-                  "backend", file=sys.stderr)
+        if ns.reinstate or ns.stage or ns.promote or ns.unstage:
+            print(f"{PROG}: --reinstate, --stage, --promote and --unstage are only supported by "
+                  "the local backend", file=sys.stderr)
             return EXIT_USAGE
         backend = Pkcs11Backend.from_options(config.backend_option_map())
         try:
@@ -191,25 +196,6 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-# --- fake-kms ---------------------------------------------------------------------------
-
-
-def fake_kms_main(argv: Sequence[str]) -> int:
-    # imported only here: serve never pays for the fake's modules (memory, start time)
-    from kms_plugin.fake_kms.cli import build_parser as fake_parser
-    from kms_plugin.fake_kms.cli import run
-
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} fake-kms",
-        description="Run a fake AWS KMS (JSON API subset) in the foreground.",
-    )
-    return int(run(fake_parser(parser).parse_args(list(argv))) or 0)
-
-
-def cmd_fake_kms(ns: argparse.Namespace) -> int:
-    return fake_kms_main(ns.fake_args)
-
-
 # --- the parser -------------------------------------------------------------------------
 
 
@@ -249,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "encrypt) so it can reach every control-plane node first")
     group.add_argument("--promote", metavar="VERSION",
                        help="local backend: make the staged key VERSION the primary")
+    group.add_argument("--unstage", metavar="VERSION",
+                       help="local backend: drop the staged key VERSION (it never encrypted "
+                       "anything); the way out when a stage is abandoned")
     add_arguments(p, PluginConfig)
     p.set_defaults(func=cmd_rotate)
 
@@ -284,17 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, PluginConfig)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("fake-kms", help="run the bundled fake AWS KMS (tests, demos); "
-                       "`kms-plugin fake-kms --help` lists its options", add_help=False)
-    p.add_argument("fake_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_fake_kms)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["fake-kms"]:
-        return fake_kms_main(args[1:])
     parser = build_parser()
     ns = parser.parse_args(args)
     try:

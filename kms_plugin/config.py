@@ -32,14 +32,19 @@ class PluginConfig:
     # --- serving ---------------------------------------------------------------------------
     endpoint: str = option(
         "unix:///var/run/kms-plugin/kms.sock",
-        help="gRPC endpoint for kube-apiserver: unix:///path or unix:///@abstract-name",
+        help="gRPC endpoint for kube-apiserver: unix:///path (serve refuses abstract "
+        "unix:///@name sockets: they have no permissions)",
         metavar="URL",
     )
     socket_group: str | None = option(
         None, help="group that may use the socket (mode becomes 0660; default 0600)",
         metavar="GROUP",
     )
-    max_workers: int = option(16, help="gRPC worker threads")
+    max_workers: int = option(
+        64, help="requests that may wait for the backend at once (more get UNAVAILABLE at "
+        "once); the server has 2 threads more, so Status always answers (threads start on "
+        "demand: an idle plugin has few)"
+    )
     shutdown_grace: float = option(
         10.0, help="seconds in-flight calls get to finish after SIGTERM", metavar="SECONDS"
     )
@@ -103,6 +108,11 @@ class PluginConfig:
     local_keyring: str = option(
         "/etc/kms-plugin/keyring.json", help="local backend: keyring file (mode 0600)",
         metavar="FILE",
+    )
+    local_allow_rollback: bool = option(
+        False,
+        help="local backend: accept a re-read keyring whose next_generation went down or that "
+        "lost keys seen before (a restore from backup is intended); default: refuse, unhealthy",
     )
 
     # --- pkcs11 backend --------------------------------------------------------------------
@@ -199,7 +209,8 @@ class PluginConfig:
             for f in dataclasses.fields(self):
                 if f.name.startswith(prefix):
                     value = getattr(self, f.name)
-                    if value is not None and value != "":
+                    # unset and off (False: every backend flag defaults to off) are left out
+                    if value is not None and value != "" and value is not False:
                         out[f.name[len(prefix) :]] = value
         out.update(self.backend_options)
         return out

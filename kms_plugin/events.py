@@ -31,14 +31,29 @@ class KubeEventNotifier:
         self.node_name = node_name
 
     @classmethod
-    def from_environment(cls) -> KubeEventNotifier:
-        """In-cluster credentials (or $KUBECONFIG); the Pod from POD_NAME / POD_NAMESPACE."""
+    def from_environment(cls) -> KubeEventNotifier | None:
+        """Credentials from $KUBECONFIG, else in-cluster; the Pod from POD_NAME / POD_NAMESPACE.
+
+        A static pod (how the plugin runs beside kube-apiserver) has no service-account
+        token: then, and whenever no credentials load, events are off with a warning and
+        ``serve`` carries on; they are best effort, never a reason not to serve.
+        """
         from kubernetes import client, config
 
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config()
+        try:
+            if os.environ.get("KUBECONFIG"):
+                config.load_kube_config(config_file=os.environ["KUBECONFIG"])
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()
+            else:
+                config.load_kube_config()
+        except Exception as exc:  # ConfigException, missing files, bad YAML ...
+            log.warning(
+                "--kube-events: no Kubernetes credentials (%s: %s); events are off. A static "
+                "pod has no service-account token: set KUBECONFIG to a kubeconfig it can read",
+                type(exc).__name__, str(exc)[:200],
+            )
+            return None
         pod = os.environ.get("POD_NAME") or os.uname().nodename
         namespace = os.environ.get("POD_NAMESPACE", "kube-system")
         return cls(client.ApiClient(), namespace, pod, os.environ.get("NODE_NAME", ""))

@@ -55,6 +55,7 @@ log = logging.getLogger("kms_plugin.keys")
 # AES-GCM with random 96-bit nonces: stay far below 2^32 messages per key.  The soft limit
 # (policy.max_uses) triggers a background rotation; the hard limit refuses to encrypt.
 HARD_MAX_USES = 2**30
+UNUSABLE_SUFFIX = ":root-key-unusable"
 MAX_POLICY_USES = 2**28
 
 
@@ -136,7 +137,10 @@ class KeyManager:
         events: KeyEvents | None = None,
         on_rotation_due: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        backend_slots: int | None = None,
     ) -> None:
+        """``backend_slots``: how many requests may wait for the backend at once (None: no
+        limit); more are refused at once with BackendUnavailable."""
         self.backend = backend
         self.backend_name = backend_name
         self.policy = policy or KekPolicy()
@@ -149,6 +153,9 @@ class KeyManager:
         self._swap_lock = threading.Lock()  # serialises creation of new local KEKs
         self._on_rotation_due = on_rotation_due
         self._clock = clock
+        self._backend_slots = (
+            threading.BoundedSemaphore(backend_slots) if backend_slots is not None else None
+        )
 
     # --- the snapshot --------------------------------------------------------------------
 
@@ -157,8 +164,15 @@ class KeyManager:
         return self._current
 
     def status_key_id(self) -> str:
+        """The key_id Status reports.  While Encrypt is blocked (root key disabled or gone) it
+        is the current key_id with UNUSABLE_SUFFIX: kube-apiserver extends its cached seed
+        for as long as Status keeps the key_id it has, so an unchanged key_id would let it
+        write on under a revoked key; a changed one makes it ask Encrypt (refused) and its
+        seed expires (docs/kms-plugin.md, "Revocation")."""
         cur = self._current
-        return cur.key_id if cur is not None else ""
+        if cur is None:
+            return ""
+        return cur.key_id if self._encrypt_block is None else cur.key_id + UNUSABLE_SUFFIX
 
     def block_encrypt(self, reason: BackendError | None) -> None:
         """Refuse (or allow again) Encrypt, e.g. while the root key is disabled."""
@@ -300,8 +314,30 @@ class KeyManager:
                 raise InvalidCiphertext("backend returned a key of the wrong size")
             return AESGCM(key)
 
+        cache_key = _cache_key(record_bytes)
+        slots = self._backend_slots
+        if slots is None:
+            return self._load_kek(cache_key, load, deadline)
+        aead = self._cache.get(cache_key)
+        if aead is not None:  # the hot path: answered from memory, no slot needed
+            self._events.cache_event("hit")
+            return aead
+        # a request that waits for the backend holds a server thread: at most `slots` of them
+        # wait at once, so Status and requests answered from memory always find a thread
+        if not slots.acquire(blocking=False):
+            raise BackendUnavailable(
+                "plugin busy: too many requests already wait for the backend; try again"
+            )
         try:
-            return self._cache.get_or_load(_cache_key(record_bytes), load, deadline=deadline)
+            return self._load_kek(cache_key, load, deadline)
+        finally:
+            slots.release()
+
+    def _load_kek(
+        self, cache_key: bytes, load: Callable[[], AESGCM], deadline: float | None
+    ) -> AESGCM:
+        try:
+            return self._cache.get_or_load(cache_key, load, deadline=deadline)
         except WaitTimeout as exc:
             raise BackendUnavailable("backend did not answer within the request deadline") from exc
 
@@ -342,4 +378,4 @@ class KeyManager:
         self.backend.close()
 
 
-__all__ = ["HARD_MAX_USES", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]
+__all__ = ["HARD_MAX_USES", "UNUSABLE_SUFFIX", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]

@@ -19,6 +19,7 @@ from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult
 from kms_plugin.backends.errors import (
     BackendThrottled,
     BackendUnavailable,
+    CredentialsRefused,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
@@ -38,6 +39,8 @@ def outcome_of(exc: BaseException | None) -> str:
         return "ok"
     if isinstance(exc, BackendThrottled):
         return "throttled"
+    if isinstance(exc, CredentialsRefused):
+        return "credentials_refused"
     if isinstance(exc, BackendUnavailable):
         return "unavailable"
     if isinstance(exc, KeyDisabled):

@@ -22,11 +22,17 @@ Fault policy (docs/kms-plugin.md, pinned by tests/kms/test_faults.py):
 * root key disabled or deleted -> ``unhealthy`` and loud: Status healthz names it; an ERROR
   log line on every probe; ``kms_plugin_root_key_unusable{reason=...} 1``; an optional
   Kubernetes Event; Encrypt is refused (FAILED_PRECONDITION: no new data under a revoked
-  key); Decrypt of cached local KEKs still works, uncached ones fail FAILED_PRECONDITION.
+  key) and Status reports a changed key_id, so kube-apiserver's cached seed expires (it keeps
+  writing with it while the key_id is unchanged); Decrypt of cached local KEKs still works,
+  uncached ones fail FAILED_PRECONDITION.  The block lifts only after a probe that reached the
+  backend and succeeded; a probe that fails otherwise keeps it (and the loud state).
+* anything unexpected (a bug, a file that is not UTF-8 ...) in a probe or a refresh ->
+  ``unhealthy`` with the exception's type, never a stale ``ok``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -107,6 +113,7 @@ class Monitor:
         self._next_refresh = 0.0
         self._next_rotation_try = 0.0
         self._refresh_soon = False
+        self._refresh_failure: str | None = None  # an unexpected error of the last refresh
         self.probes = 0  # completed probes, for tests
 
     # --- what Status and /readyz read ---------------------------------------------------
@@ -150,8 +157,12 @@ class Monitor:
         while not self._stop.is_set():
             try:
                 delay = self.run_once()
-            except Exception:  # the monitor must never die; say why and carry on
+            except Exception as exc:  # the monitor must never die; say why and carry on
                 log.exception("monitor iteration failed")
+                self._set(HealthSnapshot(
+                    UNHEALTHY, _short(f"background work failed: {type(exc).__name__}"),
+                    time.time(), False,
+                ))
                 delay = self.settings.retry_interval
             self._wake.wait(timeout=max(0.01, delay))
             self._wake.clear()
@@ -192,19 +203,29 @@ class Monitor:
     def refresh(self) -> bool:
         try:
             self.keys.refresh_root(deadline=self._deadline())
+            self._refresh_failure = None
             return True
-        except BackendError as exc:
-            level = logging.ERROR if isinstance(exc, KeyDisabled | KeyNotFound) else logging.WARNING
-            log.log(
-                level,
-                "root key refresh failed: %s",
-                exc,
-                extra={"outcome": outcome_of(exc), "have_key": self.keys.current is not None},
-            )
-            if self.keys.current is None:
-                self._set(HealthSnapshot(UNHEALTHY, _short(f"backend: {exc}"), time.time(),
-                                         isinstance(exc, BackendThrottled)))
+        except Exception as exc:
+            if isinstance(exc, BackendError):
+                self._refresh_failed(exc)
+                return False
+            # a bug or a broken input: never leave a stale "ok" behind
+            log.exception("root key refresh failed unexpectedly")
+            self._refresh_failure = _short(f"root key refresh failed: {type(exc).__name__}")
+            self._set(HealthSnapshot(UNHEALTHY, self._refresh_failure, time.time(), False))
             return False
+
+    def _refresh_failed(self, exc: BackendError) -> None:
+        level = logging.ERROR if isinstance(exc, KeyDisabled | KeyNotFound) else logging.WARNING
+        log.log(
+            level,
+            "root key refresh failed: %s",
+            exc,
+            extra={"outcome": outcome_of(exc), "have_key": self.keys.current is not None},
+        )
+        if self.keys.current is None:
+            self._set(HealthSnapshot(UNHEALTHY, _short(f"backend: {exc}"), time.time(),
+                                     isinstance(exc, BackendThrottled)))
 
     def rotate_local_kek(self, reason: str) -> bool:
         try:
@@ -260,6 +281,23 @@ class Monitor:
             snap = HealthSnapshot(
                 UNHEALTHY, _short(f"backend round trip failed: {exc}"), time.time(), True
             )
+        except Exception as exc:  # a bug or a broken input: unhealthy, never a stale "ok"
+            error = exc
+            log.exception("health probe failed unexpectedly")
+            snap = HealthSnapshot(
+                UNHEALTHY, _short(f"health probe failed: {type(exc).__name__}"), time.time(),
+                False,
+            )
+        blocked = self._snapshot.root_key_problem
+        if blocked is not None and snap.root_key_problem is None and snap.state != OK:
+            # the probe did not show the key usable again: the block (and the noise) stays
+            snap = dataclasses.replace(
+                snap, state=UNHEALTHY, root_key_problem=blocked,
+                reason=_short(f"root key {blocked.replace('_', ' ')} (last seen so); now: "
+                              f"{snap.reason}"),
+            )
+        if snap.state == OK and self._refresh_failure is not None:
+            snap = HealthSnapshot(UNHEALTHY, self._refresh_failure, time.time(), True)
         self.probes += 1
         if self.metrics is not None:
             self.metrics.health_probes.labels(outcome_of(error)).inc()
@@ -286,7 +324,8 @@ class Monitor:
                 problem = snap.root_key_problem
                 self._notify(lambda n: n.root_key_unusable(problem, snap.reason))
         else:
-            if old.root_key_problem is not None:
+            if self.keys.encrypt_blocked is not None and snap.state == OK:
+                # only a probe that reached the backend and succeeded lifts the block
                 self.keys.block_encrypt(None)
                 log.warning("root key usable again; Encrypt allowed", extra={})
                 if self.notifier is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from edge_common.metrics import HealthChecks, MetricsServer
-from edge_common.server import GrpcServer
+from edge_common.server import EndpointError, GrpcServer, parse_endpoint
 from kms_plugin.audit import AuditLog
 from kms_plugin.backends.base import KeyBackend
 from kms_plugin.backends.registry import create_backend
@@ -25,6 +25,20 @@ from kms_plugin.service_v2 import register as register_v2
 log = logging.getLogger("kms_plugin")
 
 STARTUP_WAIT = 2.0  # seconds serve waits for the first key before opening the socket anyway
+# server threads beyond max_workers that requests waiting for the backend can never take:
+# Status (and requests answered from memory) always find one, even in a Decrypt storm
+STATUS_RESERVE = 2
+
+
+def check_serving_endpoint(endpoint: str) -> None:
+    """Refuse to serve on an abstract unix socket: it has no file permissions, so any local
+    user and any hostNetwork pod could connect and use Decrypt as an oracle."""
+    if parse_endpoint(endpoint).abstract_name is not None:
+        raise EndpointError(
+            f"endpoint {endpoint!r} is an abstract unix socket: it has no file permissions, so "
+            "any local user or hostNetwork pod could decrypt Secrets through it; serve on a "
+            "socket file (unix:///var/run/kms-plugin/kms.sock, mode 0600 or --socket-group)"
+        )
 
 
 def build_backend(
@@ -47,6 +61,7 @@ def build_key_manager(
         policy=config.kek_policy(),
         cache_size=config.kek_cache_size,
         events=metrics,
+        backend_slots=config.max_workers,
     )
 
 
@@ -72,6 +87,7 @@ class Plugin:
         notifier: Notifier | None = None,
         audit_stream: TextIO | None = None,
     ) -> Plugin:
+        check_serving_endpoint(config.endpoint)
         metrics = PluginMetrics()
         if backend is None:
             instrumented = build_backend(config, metrics)
@@ -93,7 +109,7 @@ class Plugin:
             [register_v2(v2), register_v1beta1(v1)],
             socket_mode=0o660 if config.socket_group else 0o600,
             socket_group=config.socket_group,
-            max_workers=config.max_workers,
+            max_workers=config.max_workers + STATUS_RESERVE,
         )
         http = None
         plugin_ref: list[Plugin] = []
@@ -177,4 +193,4 @@ class Plugin:
         self.server.run_until_signal(self.config.shutdown_grace, on_stop=self.close)
 
 
-__all__ = ["Plugin", "build_backend", "build_key_manager"]
+__all__ = ["Plugin", "build_backend", "build_key_manager", "check_serving_endpoint"]

@@ -85,10 +85,22 @@ class NrmConfig:
                                      help="mountinfo files read to find mounted devices (the "
                                      "host's: run with hostPID)", metavar="FILE,...")
     swaps_file: str = option("/proc/swaps", help="active swap list", metavar="FILE")
-    dev_dir: str = option("/dev", help="the host's /dev", metavar="DIR")
+    dev_dir: str = option("/dev", help="where the agent sees the host's /dev (e.g. /host/dev "
+                          "in a container); LVM, which runs in the host's namespace, is "
+                          "still given /dev/... paths", metavar="DIR")
     sys_dir: str = option("/sys", help="the host's /sys", metavar="DIR")
-    dev_disk_dir: str = option("/dev/disk", help="where by-id/by-path links live (patterns "
-                               "/dev/disk/... are matched here)", metavar="DIR")
+    udev_data_dir: str = option("/run/udev/data", help="the host's udev database (WWN and "
+                                "serial of disks, extra identifiers of a medium)",
+                                metavar="DIR")
+    mount_namespace: str = option("host", help="where the agent runs, so that the mount "
+                                  "tables it reads are the host's: 'host' (in the host's mount "
+                                  "namespace), 'hostpid' (a container with hostPID: /proc/1 "
+                                  "must be in another mount namespace), 'any' (not checked); "
+                                  "when it does not hold, no new device is used",
+                                  metavar="WHERE")
+    dev_disk_dir: str = option("", help="where by-id/by-path/by-diskseq links live (patterns "
+                               "/dev/disk/... are matched here); empty: <dev-dir>/disk",
+                               metavar="DIR")
     state_dir: str = option("/var/lib/node-resource-manager", help="persistent directory for "
                             "the journal of physical volumes being created", metavar="DIR")
     metrics_address: str = option("", help="host:port for /metrics, /healthz and /readyz; "
@@ -105,6 +117,9 @@ class NrmConfig:
             raise ValueError("resync_seconds must be positive and debounce_seconds >= 0")
         if not self.lvm_command:
             raise ValueError("lvm_command must not be empty")
+        if self.mount_namespace not in ("host", "hostpid", "any"):
+            raise ValueError(f"mount_namespace must be host, hostpid or any, not "
+                             f"{self.mount_namespace!r}")
 
     @property
     def offline(self) -> bool:
@@ -117,12 +132,14 @@ class NrmConfig:
 
     def host_paths(self) -> HostPaths:
         return HostPaths(dev=Path(self.dev_dir), sys=Path(self.sys_dir),
-                         dev_disk=Path(self.dev_disk_dir))
+                         dev_disk=Path(self.dev_disk_dir or f"{self.dev_dir}/disk"),
+                         udev_data=Path(self.udev_data_dir))
 
     def safety_settings(self) -> SafetySettings:
         return SafetySettings(paths=self.host_paths(), mount_tables=tuple(self.mount_tables),
                               swaps_file=self.swaps_file,
-                              probe_timeout=self.probe_timeout_seconds)
+                              probe_timeout=self.probe_timeout_seconds,
+                              mount_namespace=self.mount_namespace)
 
 
 def load_config(argv: Sequence[str] | None = None) -> NrmConfig:

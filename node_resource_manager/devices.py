@@ -22,6 +22,7 @@ class HostPaths:
     dev: Path = Path("/dev")
     sys: Path = Path("/sys")
     dev_disk: Path = Path("/dev/disk")
+    udev_data: Path = Path("/run/udev/data")
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,27 @@ class BlockDevice:
     listed: str  # the path as written in the config (or found by a pattern)
     rdev: int
     kname: str  # kernel name, e.g. loop5, sdb1
-    path: str  # the path handed to lvm: /dev/<kname> when it is the same device
+    path: str  # where the agent opens it: <dev dir>/<kname> when it is the same device
+    # What LVM is given: a path in the HOST's namespace (LVM runs there), /dev/<kname> or a
+    # by-diskseq link once the device is pinned (identity.Pins); never the agent's --dev-dir.
+    lvm_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.lvm_path:
+            object.__setattr__(self, "lvm_path", f"/dev/{self.kname}")
 
     @property
     def majmin(self) -> str:
         return f"{os.major(self.rdev)}:{os.minor(self.rdev)}"
 
+    @property
+    def node(self) -> str:
+        """The device node as the host names it (reports and messages)."""
+        return f"/dev/{self.kname}"
+
     def describe(self) -> str:
-        """``/dev/disk/by-id/x -> /dev/sdb`` or just ``/dev/sdb``."""
-        return self.listed if self.listed == self.path else f"{self.listed} -> {self.path}"
+        """``/dev/disk/by-id/x -> /dev/sdb`` or just ``/dev/sdb`` (host paths, as written)."""
+        return self.listed if self.listed == self.node else f"{self.listed} -> {self.node}"
 
 
 class ResolveError(Exception):

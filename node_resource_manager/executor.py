@@ -1,6 +1,11 @@
 """The executor: carries out a Plan with pvcreate, vgcreate, vgextend, thin-pool lvcreate and
 thin-pool lvextend (data, and metadata when needed; only ever larger).
 
+Before any write to a disk (pvcreate, and vgcreate/vgextend, which write the VG metadata) every
+device of the action is verified against the identity the planner pinned (identity.Pins, held
+open since the first check): another medium, another size, a path that now leads elsewhere
+refuses that device for this round (``Execution.refused``) and nothing is written to it.
+
 It never runs vgremove, vgreduce, pvremove or lvremove, and never passes force flags (the LVM
 layer does not offer them for these commands). An LVM error means the state is UNKNOWN: the
 remaining actions of that volume group are skipped and the next reconcile starts from a fresh
@@ -13,25 +18,30 @@ import logging
 from dataclasses import dataclass, field
 
 from edge_common.lvm import Lvm, LvmError, VolumeGroup
-from node_resource_manager.journal import Journal
+from node_resource_manager.devices import HostPaths
+from node_resource_manager.identity import PinnedDevice, Pins
+from node_resource_manager.journal import Journal, new_pv_uuid
 from node_resource_manager.plan import (
     Action,
     CreateThinPool,
     CreateVolumeGroup,
+    DeviceRefusal,
     ExtendThinPool,
     ExtendVolumeGroup,
     Plan,
+    RetagThinPool,
+    overprovision_tag,
     pool_metadata_size,
+    pool_retag,
     thin_pool_growth,
 )
+from node_resource_manager.safety import Reason, Refusal
 from node_resource_manager.topology import ThinPoolSpec
 
 log = logging.getLogger(__name__)
 
 #: Tag on every VG this agent creates (lets operators find them: ``vgs @node-resource-manager``).
 VG_TAG = "node-resource-manager"
-#: The CSI driver reads a thin pool's overprovision ratio from this tag.
-OVERPROVISION_TAG = "csi-lvm.edge.io/overprovision="
 
 MIB = 1 << 20
 
@@ -54,13 +64,18 @@ class Execution:
     failed: list[Failed] = field(default_factory=list)
     skipped: list[Action] = field(default_factory=list)  # after a failure in the same VG
     unchanged: list[Action] = field(default_factory=list)  # nothing to do after all (re-read)
+    refused: list[DeviceRefusal] = field(default_factory=list)  # medium changed before writing
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
 
-def execute(plan: Plan, lvm: Lvm, journal: Journal) -> Execution:
+class _NothingLeft(Exception):
+    """Every device of a volume group action was refused at write time."""
+
+
+def execute(plan: Plan, lvm: Lvm, journal: Journal, pins: Pins, paths: HostPaths) -> Execution:
     result = Execution()
     broken: set[str] = set()
     for action in plan.actions:
@@ -68,7 +83,11 @@ def execute(plan: Plan, lvm: Lvm, journal: Journal) -> Execution:
             result.skipped.append(action)
             continue
         try:
-            detail = _run(action, lvm, journal)
+            detail = _run(action, lvm, journal, _Verifier(pins, paths, result))
+        except _NothingLeft:
+            broken.add(action.vg)
+            result.skipped.append(action)
+            continue
         except LvmError as exc:
             log.error("LVM command failed: state of the volume group is unknown",
                       extra={"vg": action.vg, "action": type(action).__name__,
@@ -86,22 +105,97 @@ def execute(plan: Plan, lvm: Lvm, journal: Journal) -> Execution:
     return result
 
 
-def _run(action: Action, lvm: Lvm, journal: Journal) -> str | None:
+@dataclass
+class _Verifier:
+    pins: Pins
+    paths: HostPaths
+    result: Execution
+
+    def still_same(self, vg: str, devices: tuple[PinnedDevice, ...]) -> tuple[PinnedDevice, ...]:
+        """The devices whose medium is still the one checked; the others are refused."""
+        kept = []
+        for pinned in devices:
+            problems = pinned.verify(self.paths)
+            if not problems:
+                kept.append(pinned)
+                continue
+            dev = pinned.device
+            text = (f"{dev.describe()} is no longer the medium that was checked "
+                    f"({'; '.join(problems)}); nothing was written to it")
+            log.warning(text, extra={"vg": vg})
+            self.result.refused.append(DeviceRefusal(
+                vg, dev.listed, dev.node, (Refusal(Reason.IDENTITY_CHANGED, text),)))
+        return tuple(kept)
+
+    def pinned(self, vg: str, action: CreateVolumeGroup | ExtendVolumeGroup
+               ) -> tuple[PinnedDevice, ...]:
+        out = []
+        for dev in action.devices:
+            pinned = self.pins.get(dev.rdev)
+            if pinned is None:  # a planner bug; never write an unpinned device
+                self.result.refused.append(DeviceRefusal(vg, dev.listed, dev.node, (Refusal(
+                    Reason.IDENTITY_UNKNOWN, f"{dev.describe()} was not pinned"),)))
+                continue
+            out.append(pinned)
+        return tuple(out)
+
+
+def _run(action: Action, lvm: Lvm, journal: Journal, verifier: _Verifier) -> str | None:
     if isinstance(action, CreateVolumeGroup | ExtendVolumeGroup):
-        paths = [d.path for d in action.devices]
-        if action.new_pvs:
-            journal.add(action.vg, action.new_pvs)
-            lvm.pvcreate([d.path for d in action.new_pvs])
-        if isinstance(action, CreateVolumeGroup):
-            lvm.vgcreate(action.vg, paths, tags=(VG_TAG,))
-            journal.done(action.devices)
-            return f"created volume group {action.vg} from {', '.join(paths)}"
-        lvm.vgextend(action.vg, paths)
-        journal.done(action.devices)
-        return f"extended volume group {action.vg} with {', '.join(paths)}"
+        return _build_volume_group(action, lvm, journal, verifier)
     if isinstance(action, ExtendThinPool):
         return _extend_thin_pool(action, lvm)
+    if isinstance(action, RetagThinPool):
+        return _retag_thin_pool(action, lvm)
     return _create_thin_pool(action, lvm)
+
+
+def _retag_thin_pool(action: RetagThinPool, lvm: Lvm) -> str | None:
+    """From a fresh look at the pool's tags; None when it already carries the config's."""
+    name = action.spec.name
+    pool = lvm.get_lv(action.vg, name)
+    if pool is None or not pool.is_thin_pool:
+        raise LvmError((), None, "", message=f"thin pool {action.vg}/{name} changed before its "
+                                             "settings could be applied; state unknown")
+    retag = pool_retag(pool, action.spec)
+    if retag is None:
+        return None
+    tag, stale = retag
+    lvm.retag(action.vg, name, add=(tag,), delete=stale)
+    was = ", ".join(t.rpartition("=")[2] for t in stale) or "none"
+    return (f"thin pool {action.vg}/{name}: overprovision ratio set to "
+            f"{action.spec.overprovision_ratio:g} (was {was})")
+
+
+def _build_volume_group(action: CreateVolumeGroup | ExtendVolumeGroup, lvm: Lvm,
+                        journal: Journal, verifier: _Verifier) -> str:
+    """pvcreate each new device (one at a time: each gets the UUID the journal recorded
+    first), then ONE vgcreate/vgextend; every device verified right before each write."""
+    vg = action.vg
+    devices = list(verifier.still_same(vg, verifier.pinned(vg, action)))
+    new = {d.rdev for d in action.new_pvs}
+    created: list[str] = []
+    for pinned in list(devices):
+        if pinned.device.rdev not in new:
+            continue
+        if not verifier.still_same(vg, (pinned,)):  # right before THIS device's pvcreate
+            devices.remove(pinned)
+            continue
+        pv_uuid = new_pv_uuid()
+        journal.add(vg, pv_uuid, pinned.identity, pinned.device.lvm_path)
+        lvm.pvcreate([pinned.device.lvm_path], uuid=pv_uuid)
+        created.append(pv_uuid)
+    kept = verifier.still_same(vg, tuple(devices))
+    if not kept:
+        raise _NothingLeft(vg)
+    paths = [d.device.lvm_path for d in kept]
+    if isinstance(action, CreateVolumeGroup):
+        lvm.vgcreate(vg, paths, tags=(VG_TAG,))
+        journal.done([*created, *action.adopted_pvs])
+        return f"created volume group {vg} from {', '.join(paths)}"
+    lvm.vgextend(vg, paths)
+    journal.done([*created, *action.adopted_pvs])
+    return f"extended volume group {vg} with {', '.join(paths)}"
 
 
 def _extend_thin_pool(action: ExtendThinPool, lvm: Lvm) -> str | None:
@@ -135,8 +229,8 @@ def _create_thin_pool(action: CreateThinPool, lvm: Lvm) -> str:
         raise LvmError((), None, "", message=f"volume group {action.vg} has too little free "
                                              f"space for thin pool {action.spec.name}")
     data, meta = sizes
-    tag = f"{OVERPROVISION_TAG}{action.spec.overprovision_ratio:g}"
-    lvm.create_thin_pool(action.vg, action.spec.name, data, metadata_size=meta, tags=(tag,))
+    lvm.create_thin_pool(action.vg, action.spec.name, data, metadata_size=meta,
+                         tags=(overprovision_tag(action.spec),))
     return (f"created thin pool {action.vg}/{action.spec.name} of {data // MIB} MiB "
             f"(overprovision ratio {action.spec.overprovision_ratio:g})")
 

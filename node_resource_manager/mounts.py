@@ -12,9 +12,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from node_resource_manager.devices import parse_majmin
+from node_resource_manager.devices import HostPaths, host_path, parse_majmin
 
 DEFAULT_MOUNT_TABLES: tuple[str, ...] = ("/proc/1/mountinfo", "/proc/self/mountinfo")
+_HOST = HostPaths()
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,14 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
     return entries
 
 
-def read_mount_tables(tables: Iterable[str], dev_dir: str = "/dev") -> MountTable:
+def read_mount_tables(tables: Iterable[str], paths: HostPaths = _HOST) -> MountTable:
     """Union of the given mountinfo files.
 
     A device counts as mounted when a mount's device number is its own, when a mount's source
     path resolves to it (filesystems like btrfs report an anonymous device number), or when
     the device node itself is bind-mounted (a raw block volume handed to a pod: devtmpfs
-    mounted with root ``/<kernel name>``)."""
+    mounted with root ``/<kernel name>``). Paths in the tables are the host's; they are
+    looked up in the agent's view of the host's /dev (``paths``)."""
     table = MountTable()
     seen_sources: dict[str, int | None] = {}
     for path in tables:
@@ -100,14 +102,14 @@ def read_mount_tables(tables: Iterable[str], dev_dir: str = "/dev") -> MountTabl
             _add(table, entry.rdev, where)
             if entry.source.startswith("/dev/"):
                 if entry.source not in seen_sources:
-                    seen_sources[entry.source] = _block_rdev(entry.source)
+                    seen_sources[entry.source] = _block_rdev(host_path(entry.source, paths))
                 src = seen_sources[entry.source]
                 if src is not None and src != entry.rdev:
                     _add(table, src, where)
                     if entry.mount_point == "/":
                         table.root_devices.add(src)
             if entry.fstype in ("devtmpfs", "tmpfs") and entry.root not in ("/", ""):
-                node = os.path.join(dev_dir, entry.root.lstrip("/"))
+                node = os.path.join(paths.dev, entry.root.lstrip("/"))
                 if node not in seen_sources:
                     seen_sources[node] = _block_rdev(node)
                 bound = seen_sources[node]
@@ -130,20 +132,23 @@ def _block_rdev(path: str) -> int | None:
     return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
 
 
-def read_swaps(path: str = "/proc/swaps") -> dict[int, str]:
-    """Active swap devices: device number -> the path /proc/swaps names."""
+def read_swaps(path: str = "/proc/swaps", paths: HostPaths = _HOST) -> dict[int, str]:
+    """Active swap devices: device number -> the path /proc/swaps names.
+
+    OSError when the list cannot be read, or names a device node under /dev that the agent
+    cannot find (then it cannot tell which device is swap: unknown, never "none")."""
+    with open(path) as fh:
+        lines = fh.read().splitlines()[1:]
     out: dict[int, str] = {}
-    try:
-        with open(path) as fh:
-            lines = fh.read().splitlines()[1:]
-    except OSError:
-        return out
     for line in lines:
         parts = line.split()
         if not parts:
             continue
         name = unescape(parts[0])
-        rdev = _block_rdev(name)
+        where = host_path(name, paths)
+        rdev = _block_rdev(where)
         if rdev is not None:
             out[rdev] = name
+        elif name.startswith("/dev/") and not os.path.exists(where):
+            raise OSError(f"active swap {name} is not visible at {where}")
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
 from node_resource_manager.devices import BlockDevice, HostPaths, ResolveError, expand_pattern
 from node_resource_manager.devices import resolve as resolve_device
+from node_resource_manager.identity import IdentityUnknown, Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.safety import HostState, Reason, Refusal, SafetyChecker
 from node_resource_manager.topology import (
@@ -52,8 +53,9 @@ class DeviceRefusal:
 @dataclass(frozen=True)
 class CreateVolumeGroup:
     vg: str
-    devices: tuple[BlockDevice, ...]
+    devices: tuple[BlockDevice, ...]  # every one pinned (identity.Pins) by the planner
     new_pvs: tuple[BlockDevice, ...]  # devices that need pvcreate first
+    adopted_pvs: tuple[str, ...] = ()  # UUIDs of our own orphan PVs (journal) it takes in
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ExtendVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]
     new_pvs: tuple[BlockDevice, ...]
+    adopted_pvs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,22 @@ class ExtendThinPool:
     to_size: int | None
 
 
-Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool
+@dataclass(frozen=True)
+class RetagThinPool:
+    """Converge an existing thin pool's settings carried as LVM tags (the overprovision ratio
+    the CSI driver reads) to the config: ``stale`` tags are deleted and ``tag`` added in one
+    lvchange."""
+
+    vg: str
+    spec: ThinPoolSpec
+    tag: str
+    stale: tuple[str, ...]
+
+
+Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool | RetagThinPool
+
+#: The CSI driver reads a thin pool's overprovision ratio from this tag (csi_lvm.volume).
+OVERPROVISION_TAG = "csi-lvm.edge.io/overprovision="
 
 MIB = 1 << 20
 
@@ -122,9 +140,13 @@ class Planner:
         self.paths = paths
 
     def plan(
-        self, specs: Sequence[VolumeGroupSpec], report: LvmReport, host: HostState
+        self, specs: Sequence[VolumeGroupSpec], report: LvmReport, host: HostState, pins: Pins
     ) -> Plan:
-        """Raises ConfigInvalid when one device is claimed by two volume groups."""
+        """Raises ConfigInvalid when one device is claimed by two volume groups.
+
+        Every device that may be written is pinned in ``pins`` (held open, its medium
+        identified) BEFORE it is checked; the caller keeps ``pins`` open until the plan has
+        been executed."""
         plan = Plan()
         resolved: dict[str, list[tuple[str, BlockDevice]]] = {}
         # 1. Explicit lists: resolve every path; a device in two VGs is a config error.
@@ -162,6 +184,7 @@ class Planner:
             else:
                 candidates = self._pattern_candidates(spec)
             eligible: list[BlockDevice] = []
+            adopted: list[str] = []
             wanted: set[int] = set()
             for dev in candidates:
                 wanted.add(dev.rdev)
@@ -169,15 +192,22 @@ class Planner:
                 if pv is not None and pv.vg_name == spec.name:
                     vgp.members.append(pv.name)
                     continue
-                claimed = pv is not None and not pv.vg_name and self.journal.claims(
-                    dev.rdev, spec.name
-                )
-                refusals = self.checker.check(
-                    dev, host, target_vg=spec.name, claimed_orphan=claimed
-                )
+                claimed = False
+                try:
+                    pinned = pins.pin(dev)
+                except IdentityUnknown as exc:
+                    refusals = [Refusal(Reason.IDENTITY_UNKNOWN, f"{exc}; not used while its "
+                                                                 "medium is unknown")]
+                else:
+                    dev = pinned.device
+                    claimed = pv is not None and not pv.vg_name and self.journal.claims(
+                        pv.uuid, pinned.identity, spec.name)
+                    refusals = self.checker.check(
+                        dev, host, target_vg=spec.name, claimed_orphan=claimed
+                    )
                 if refusals:
                     target = plan.skipped if spec.type is TopologyType.PATTERN else plan.refusals
-                    target.append(DeviceRefusal(spec.name, dev.listed, dev.path,
+                    target.append(DeviceRefusal(spec.name, dev.listed, dev.node,
                                                 tuple(refusals),
                                                 from_pattern=spec.type is TopologyType.PATTERN))
                     continue
@@ -188,11 +218,15 @@ class Planner:
                         continue
                     pattern_claims[dev.rdev] = spec.name
                 eligible.append(dev)
+                if claimed and pv is not None:
+                    adopted.append(pv.uuid)
             new_pvs = tuple(d for d in eligible if d.rdev not in host.pvs_by_rdev)
             if eligible and vg is None:
-                plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs))
+                plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs,
+                                                      tuple(adopted)))
             elif eligible:
-                plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs))
+                plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs,
+                                                      tuple(adopted)))
             if vg is not None:
                 for pv in report.pvs_of(spec.name):
                     rdev = _rdev_of(host, pv.name)
@@ -221,9 +255,9 @@ class Planner:
             for dev in dict.fromkeys(devs):
                 plan.refusals.append(
                     DeviceRefusal(
-                        vg, dev.listed, dev.path,
+                        vg, dev.listed, dev.node,
                         (Refusal(Reason.LISTED_TWICE,
-                                 f"{dev.path} is listed {len(devs)} times for volume group "
+                                 f"{dev.node} is listed {len(devs)} times for volume group "
                                  f"{vg!r} ({names}); list each device once"),),
                     )
                 )
@@ -264,6 +298,28 @@ class Planner:
                 )
             elif grows_vg:
                 plan.actions.append(ExtendThinPool(spec.name, pool, existing.size, None))
+            retag = pool_retag(existing, pool)
+            if retag is not None:
+                plan.actions.append(RetagThinPool(spec.name, pool, *retag))
+
+
+def overprovision_tag(spec: ThinPoolSpec) -> str:
+    return f"{OVERPROVISION_TAG}{spec.overprovision_ratio:g}"
+
+
+def pool_retag(pool: LogicalVolume, spec: ThinPoolSpec) -> tuple[str, tuple[str, ...]] | None:
+    """(tag to add, stale tags to delete) when the pool does not carry exactly the tag the
+    config asks for; None when it does."""
+    want = overprovision_tag(spec)
+    carried = tuple(t for t in pool.tags if t.startswith(OVERPROVISION_TAG))
+    if carried == (want,):
+        return None
+    return want, tuple(t for t in carried if t != want)
+
+
+def overprovision_tags(pool: LogicalVolume) -> list[str]:
+    """The ratio values the pool's tags carry (what the CSI driver sees), as written."""
+    return [t[len(OVERPROVISION_TAG):] for t in pool.tags if t.startswith(OVERPROVISION_TAG)]
 
 
 def pool_metadata_size(data_bytes: int, extent: int) -> int:
@@ -302,7 +358,7 @@ def thin_pool_growth(
 def _conflict(dev: BlockDevice, first: str, second: str) -> str:
     a, b = sorted((first, second))
     return (
-        f"device {dev.path} ({dev.majmin}) is claimed by volume groups {a!r} and {b!r}; "
+        f"device {dev.node} ({dev.majmin}) is claimed by volume groups {a!r} and {b!r}; "
         "a device can belong to one volume group only"
     )
 
@@ -322,6 +378,12 @@ def extend_pool_text(act: ExtendThinPool) -> str:
               else f"{act.spec.size_percent}% of the extended VG")
     return (f"extend thin pool {act.vg}/{act.spec.name} from {act.from_size // MIB} MiB "
             f"to {target}")
+
+
+def retag_pool_text(act: RetagThinPool) -> str:
+    was = ", ".join(t[len(OVERPROVISION_TAG):] for t in act.stale) or "none"
+    return (f"set thin pool {act.vg}/{act.spec.name} overprovision ratio to "
+            f"{act.spec.overprovision_ratio:g} (was {was}; tag {act.tag})")
 
 
 def describe(plan: Plan) -> str:
@@ -347,13 +409,15 @@ def describe(plan: Plan) -> str:
                              f"{', '.join(d.describe() for d in act.devices)}")
             elif isinstance(act, ExtendThinPool):
                 lines.append(f"volume group {spec.name}: {extend_pool_text(act)}")
+            elif isinstance(act, RetagThinPool):
+                lines.append(f"volume group {spec.name}: {retag_pool_text(act)}")
             else:
                 lines.append(f"volume group {spec.name}: CREATE THIN POOL {act.spec.name} "
                              f"({act.spec.size_percent}% of the VG, overprovision ratio "
                              f"{act.spec.overprovision_ratio:g})")
             new = getattr(act, "new_pvs", ())
             if new:
-                lines.append(f"    pvcreate {' '.join(d.path for d in new)}")
+                lines.append(f"    pvcreate {' '.join(d.lvm_path for d in new)}")
     if plan.refusals:
         lines.append("Refused (left untouched):")
         for r in plan.refusals:

@@ -16,6 +16,7 @@ from node_resource_manager import events as ev
 from node_resource_manager.devices import HostPaths
 from node_resource_manager.events import Sink
 from node_resource_manager.executor import Execution, execute
+from node_resource_manager.identity import Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.metrics import Metrics
 from node_resource_manager.plan import (
@@ -25,7 +26,10 @@ from node_resource_manager.plan import (
     ExtendVolumeGroup,
     Plan,
     Planner,
+    RetagThinPool,
     extend_pool_text,
+    overprovision_tags,
+    retag_pool_text,
 )
 from node_resource_manager.safety import SafetyChecker
 from node_resource_manager.topology import ConfigInvalid, Topology, VolumeGroupSpec, gate_open
@@ -113,6 +117,7 @@ class Reconciler:
         self.gate_value = gate_value
         self.sink = sink
         self.metrics = metrics
+        self.paths = paths
         self.planner = Planner(checker, journal, paths)
 
     def reconcile(
@@ -163,15 +168,20 @@ class Reconciler:
             return ReconcileResult(Outcome.LVM_ERROR, f"LVM report failed, state unknown: {exc}",
                                    started, dry_run=dry_run)
         host = self.checker.snapshot(report.pvs)
-        try:
-            plan = self.planner.plan(specs, report, host)
-        except ConfigInvalid as exc:
-            return ReconcileResult(Outcome.CONFIG_INVALID, str(exc), started, dry_run=dry_run,
-                                   report=report, problems=list(exc.problems))
-        result = ReconcileResult(Outcome.CONVERGED, "", started, dry_run=dry_run, plan=plan,
-                                 report=report, problems=list(plan.problems))
-        if plan.actions and not dry_run:
-            result.execution = execute(plan, self.lvm, self.journal)
+        # Devices are held open from their first check until the last LVM write is done.
+        with Pins(self.paths) as pins:
+            try:
+                plan = self.planner.plan(specs, report, host, pins)
+            except ConfigInvalid as exc:
+                return ReconcileResult(Outcome.CONFIG_INVALID, str(exc), started,
+                                       dry_run=dry_run, report=report,
+                                       problems=list(exc.problems))
+            result = ReconcileResult(Outcome.CONVERGED, "", started, dry_run=dry_run,
+                                     plan=plan, report=report, problems=list(plan.problems))
+            if plan.actions and not dry_run:
+                result.execution = execute(plan, self.lvm, self.journal, pins, self.paths)
+                plan.refusals.extend(result.execution.refused)
+        if result.execution is not None:
             try:
                 result.report = self.lvm.report()  # the status shows the state after changes
             except LvmError as exc:
@@ -240,11 +250,19 @@ class Reconciler:
                 if vgp.spec.thin_pool is not None and report is not None:
                     pool = next((lv for lv in report.lvs_of(name)
                                  if lv.name == vgp.spec.thin_pool.name and lv.is_thin_pool), None)
+                    # What LVM holds (what the CSI driver acts on), not what the config says.
+                    ratios = overprovision_tags(pool) if pool is not None else []
                     entry["thinPool"] = None if pool is None else {
                         "name": pool.name, "size": pool.size, "dataPercent": pool.data_percent,
                         "metadataSize": pool.metadata_size,
-                        "sizePercent": vgp.spec.thin_pool.size_percent,
-                        "overprovisionRatio": vgp.spec.thin_pool.overprovision_ratio}
+                        "sizePercent": round(pool.size * 100 / vg.size) if vg.size else None,
+                        "overprovisionRatio": _ratio(ratios)}
+                    if pool is not None and len(ratios) != 1:
+                        entry["thinPool"]["overprovisionTags"] = ratios
+                    if pool is not None:  # what the config asks, to show any drift
+                        entry["thinPool"]["configured"] = {
+                            "sizePercent": vgp.spec.thin_pool.size_percent,
+                            "overprovisionRatio": vgp.spec.thin_pool.overprovision_ratio}
                     grown = [d.detail for d in (result.execution.done if result.execution
                                                 else ())
                              if isinstance(d.action, ExtendThinPool) and d.action.vg == name]
@@ -278,7 +296,8 @@ class Reconciler:
                 reason = {CreateVolumeGroup: ev.VOLUME_GROUP_CREATED,
                           ExtendVolumeGroup: ev.VOLUME_GROUP_EXTENDED,
                           CreateThinPool: ev.THIN_POOL_CREATED,
-                          ExtendThinPool: ev.THIN_POOL_EXTENDED}[type(done.action)]
+                          ExtendThinPool: ev.THIN_POOL_EXTENDED,
+                          RetagThinPool: ev.THIN_POOL_SETTINGS_CHANGED}[type(done.action)]
                 self.sink.event(reason, done.detail, warning=False)
             for failed in result.execution.failed:
                 self.sink.event(ev.LVM_FAILED,
@@ -311,13 +330,27 @@ class Reconciler:
                 m.actions.labels(type(failed.action).__name__, "error").inc()
 
 
+def _ratio(values: list[str]) -> float | None:
+    """The ratio when exactly one overprovision tag carries a number; None otherwise."""
+    if len(values) != 1:
+        return None
+    try:
+        return float(values[0])
+    except ValueError:
+        return None
+
+
 def _action_text(
-    action: CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool,
+    action: CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool
+    | RetagThinPool,
 ) -> str:
     if isinstance(action, ExtendThinPool):
         return extend_pool_text(action)
+    if isinstance(action, RetagThinPool):
+        return retag_pool_text(action)
     if isinstance(action, CreateThinPool):
         return f"create thin pool {action.vg}/{action.spec.name}"
     verb = "create" if isinstance(action, CreateVolumeGroup) else "extend"
-    return f"{verb} volume group {action.vg} with {', '.join(d.path for d in action.devices)}"
+    return (f"{verb} volume group {action.vg} with "
+            f"{', '.join(d.lvm_path for d in action.devices)}")
 

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from edge_common.commands import CommandNotFound, CommandTimeout, run
 from edge_common.lvm import PhysicalVolume
-from node_resource_manager.devices import BlockDevice, HostPaths, parse_majmin, read_attr, sys_dir
+from node_resource_manager.devices import (
+    BlockDevice,
+    HostPaths,
+    host_path,
+    majmin,
+    parse_majmin,
+    read_attr,
+    sys_dir,
+)
 from node_resource_manager.mounts import (
     DEFAULT_MOUNT_TABLES,
     MountTable,
@@ -45,6 +53,9 @@ class Reason(enum.StrEnum):
     SIGNATURE = "HasSignature"
     IN_USE = "InUse"
     PROBE_FAILED = "ProbeFailed"
+    HOST_STATE_UNKNOWN = "HostStateUnknown"  # a host-wide probe failed: nothing new is used
+    IDENTITY_UNKNOWN = "IdentityUnknown"  # the medium could not be identified and pinned
+    IDENTITY_CHANGED = "IdentityChanged"  # another medium than the one checked, at write time
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,9 @@ class HostState:
     root_chain: set[int]  # devices under the root filesystem (it, its slaves, their disks)
     pvs_by_rdev: dict[int, PhysicalVolume]
     pv_problems: list[str] = field(default_factory=list)
+    # Host-wide probes that could not be completed: while any is listed, no new device is
+    # used (an unreadable answer is never "nothing there"); existing VGs are still reported.
+    unknowns: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,8 @@ class SafetySettings:
     mount_tables: tuple[str, ...] = DEFAULT_MOUNT_TABLES
     swaps_file: str = "/proc/swaps"
     probe_timeout: float = 20.0
+    mount_namespace: str = "any"  # see namespace_problems; the agent's config sets it
+    proc: Path = Path("/proc")
     blkid: tuple[str, ...] = ("blkid",)
     wipefs: tuple[str, ...] = ("wipefs",)
 
@@ -85,26 +101,32 @@ class SafetyChecker:
 
     def snapshot(self, pvs: Iterable[PhysicalVolume]) -> HostState:
         s = self.settings
-        mounts = read_mount_tables(s.mount_tables, str(s.paths.dev))
-        state = HostState(
-            mounts=mounts,
-            swaps=read_swaps(s.swaps_file),
-            root_chain=self._root_chain(mounts.root_devices),
-            pvs_by_rdev={},
-        )
+        unknowns = list(namespace_problems(s.mount_namespace, s.proc))
+        mounts = read_mount_tables(s.mount_tables, s.paths)
+        unknowns += [f"mount table {t} cannot be read" for t in mounts.unreadable]
+        try:
+            swaps = read_swaps(s.swaps_file, s.paths)
+        except OSError as exc:
+            swaps = {}
+            unknowns.append(f"swap list {s.swaps_file} cannot be read: {exc.strerror or exc}")
+        chain, chain_problems = self._root_chain(mounts.root_devices)
+        state = HostState(mounts=mounts, swaps=swaps, root_chain=chain, pvs_by_rdev={},
+                          unknowns=unknowns + chain_problems)
         for pv in pvs:
             try:
-                st = os.stat(pv.name)
+                st = os.stat(host_path(pv.name, s.paths))  # LVM names host paths
             except OSError:
                 state.pv_problems.append(f"physical volume {pv.name} ({pv.uuid}) is not present")
                 continue
             state.pvs_by_rdev[st.st_rdev] = pv
         return state
 
-    def _root_chain(self, roots: Iterable[int]) -> set[int]:
+    def _root_chain(self, roots: Iterable[int]) -> tuple[set[int], list[str]]:
         """The root filesystem's device, what it is built on (slaves, recursively) and the
-        whole disks of any partition among them."""
+        whole disks of any partition among them; plus what could not be read (a chain that
+        cannot be followed is unknown, not short)."""
         chain: set[int] = set()
+        problems: list[str] = []
         todo = [r for r in roots if os.major(r) != 0]
         while todo:
             rdev = todo.pop()
@@ -112,7 +134,12 @@ class SafetyChecker:
                 continue
             chain.add(rdev)
             directory = sys_dir(rdev, self.settings.paths)
-            for name in _listdir(directory / "slaves"):
+            slaves = _listdir_or_none(directory / "slaves")
+            if slaves is None:
+                problems.append(f"the root filesystem's device {majmin(rdev)} cannot be "
+                                "followed in sysfs")
+                continue
+            for name in slaves:
                 slave = read_attr(directory / "slaves" / name, "dev")
                 if slave and (num := parse_majmin(slave)) is not None:
                     todo.append(num)
@@ -120,7 +147,7 @@ class SafetyChecker:
                 parent = read_attr(directory.resolve().parent, "dev")
                 if parent and (num := parse_majmin(parent)) is not None:
                     todo.append(num)
-        return chain
+        return chain, problems
 
     # ------------------------------------------------------------------ the checks
 
@@ -150,12 +177,33 @@ class SafetyChecker:
     def _cheap_checks(
         self, dev: BlockDevice, host: HostState, target_vg: str, claimed_orphan: bool
     ) -> list[Refusal]:
+        name = dev.describe()
+        if host.unknowns:
+            return [Refusal(Reason.HOST_STATE_UNKNOWN,
+                            f"{name} is not used while the host's state is unknown: "
+                            + "; ".join(host.unknowns))]
         out: list[Refusal] = []
         directory = sys_dir(dev.rdev, self.settings.paths)
-        name = dev.describe()
-
-        size = read_attr(directory, "size")
-        if size is not None and size.isdigit() and int(size) == 0:
+        try:
+            size, read_only = read_attr(directory, "size"), read_attr(directory, "ro")
+        except OSError as exc:
+            size = read_only = None
+            out.append(Refusal(Reason.PROBE_FAILED, f"{name}: sysfs cannot be read: {exc}"))
+        holders = _listdir_or_none(directory / "holders")
+        parts = _partitions(directory)
+        unread = [what for what, value in (("size", size), ("ro", read_only),
+                                           ("holders", holders), ("partitions", parts))
+                  if value is None]
+        if unread and not out:
+            return [Refusal(Reason.PROBE_FAILED,
+                            f"{name}: sysfs does not answer ({', '.join(unread)} unreadable "
+                            f"under {directory}); not used while unknown")]
+        if out:
+            return out
+        assert holders is not None and parts is not None and size is not None
+        if not size.isdigit():
+            return [Refusal(Reason.PROBE_FAILED, f"{name}: unreadable size {size!r} in sysfs")]
+        if int(size) == 0:
             out.append(Refusal(Reason.EMPTY, f"{name} has size 0 (no medium or backing file)"))
 
         if (directory / "dm").is_dir():
@@ -166,7 +214,6 @@ class SafetyChecker:
                                                      "volumes and other mapped devices are "
                                                      "never used as physical volumes"))
 
-        holders = _listdir(directory / "holders")
         multipath = [h for h in holders if _dm_uuid(self.settings.paths, h).startswith("mpath-")]
         if multipath:
             out.append(Refusal(Reason.MULTIPATH_MEMBER,
@@ -177,13 +224,12 @@ class SafetyChecker:
                                f"{name} is held by {', '.join(sorted(others))} (in use by a "
                                "device-mapper, RAID or cache device)"))
 
-        parts = _partitions(directory)
         if parts:
             out.append(Refusal(Reason.PARTITIONS,
                                f"{name} has partitions ({', '.join(parts)}); list the "
                                "partition itself to use one"))
 
-        if read_attr(directory, "ro") == "1":
+        if read_only != "0":
             out.append(Refusal(Reason.READ_ONLY, f"{name} is read-only"))
 
         if dev.rdev in host.root_chain:
@@ -265,16 +311,61 @@ class SafetyChecker:
         return None
 
 
-def _listdir(path: Path) -> list[str]:
+def _listdir_or_none(path: Path) -> list[str] | None:
+    """The directory's entries; [] when it does not exist (no holders, no slaves), None when
+    it exists but cannot be read."""
     try:
         return sorted(os.listdir(path))
-    except OSError:
+    except FileNotFoundError:
         return []
+    except OSError:
+        return None
 
 
-def _partitions(directory: Path) -> list[str]:
-    return [name for name in _listdir(directory)
-            if (directory / name / "partition").is_file()]
+def _partitions(directory: Path) -> list[str] | None:
+    names = _listdir_or_none(directory)
+    if names is None or not names:
+        return None  # the device's own sysfs directory is never empty
+    return [name for name in names if (directory / name / "partition").is_file()]
+
+
+def namespace_problems(expected: str, proc: Path = Path("/proc")) -> list[str]:
+    """Is the agent where its configuration says, so that the mount tables it reads are the
+    host's? ``host``: in the host's mount namespace (PID 1's is its own); ``hostpid``: in a
+    container sharing the host's PID namespace (PID 1 is the host's init, in ANOTHER mount
+    namespace; the same one means /proc/1 is the container's own init, whose mount table
+    says nothing about the host); ``any``: not checked."""
+    if expected == "any":
+        return []
+    try:
+        init, own = _mount_namespaces(proc)
+    except OSError as exc:
+        return [f"mount namespaces cannot be compared: {exc}"]
+    if expected == "host" and init != own:
+        return [f"the agent is not in the host's mount namespace ({own}; PID 1: {init}) but "
+                "is configured with mount_namespace=host"]
+    if expected == "hostpid" and init == own:
+        return [f"PID 1 shares the agent's mount namespace ({own}): the pod does not run "
+                "with hostPID, so /proc/1/mountinfo is not the host's (mount_namespace="
+                "hostpid)"]
+    return []
+
+
+def _mount_namespaces(proc: Path) -> tuple[str, str]:
+    """PID 1's and the agent's mount namespace: their ns/mnt links; where PID 1's is not
+    readable (ptrace rules), the sets of mount IDs of both mountinfo files, which no two
+    namespaces share."""
+    try:
+        return os.readlink(proc / "1" / "ns" / "mnt"), os.readlink(proc / "self" / "ns" / "mnt")
+    except PermissionError:
+        pass
+
+    def mount_ids(pid: str) -> str:
+        text = (proc / pid / "mountinfo").read_text()
+        ids = sorted({int(line.split(" ", 1)[0]) for line in text.splitlines() if line})
+        return f"mounts {ids[:3]}..({len(ids)})" if len(ids) > 3 else f"mounts {ids}"
+
+    return mount_ids("1"), mount_ids("self")
 
 
 def _dm_uuid(paths: HostPaths, kname: str) -> str:

@@ -53,7 +53,8 @@ def option_table(cls: type, env_prefix: str) -> str:
     ]
     for row in describe(cls, env_prefix):
         lines.append(
-            f"| {_code(row.name)} | {_code(row.flag)} | {_code(row.env or '')} | "
+            f"| {_code(row.name)} | {_code(row.flag) or '(none: secret)'} | "
+            f"{_code(row.env or '')} | "
             f"{_cell(row.type)} | {_code(row.default)} | {_cell(row.help)} |"
         )
     return "\n".join(lines)
@@ -127,7 +128,7 @@ def render_configuration() -> str:
         "",
         "## kms-plugin",
         "",
-        "`kms-plugin COMMAND [options]`. Every command except `fake-kms` takes all the plugin "
+        "`kms-plugin COMMAND [options]`. Every command takes all the plugin "
         "options listed under *Plugin options* (so `selftest`, `rotate` and `inspect --decrypt` "
         "use exactly the backend the running plugin uses).",
         "",

@@ -38,5 +38,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   "$VENV/bin/python" -m pip install -q -e '.[test]'
   printf '%s' "$packages" > "$stamp"
 fi
+# The checkout's own tools (tests, edge_demo, kernel_guest, fake_kms, benchmarks) are not in the
+# product wheel; a .pth puts the checkout on this venv's path so they import from anywhere.
+purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' "$PWD" > "$purelib/edge-node-services-checkout.pth"
 # Stubs are generated from proto/ on every setup, so they can never be stale.
 "$VENV/bin/python" -m edge_proto.generate

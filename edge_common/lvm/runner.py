@@ -218,10 +218,19 @@ class Lvm:
 
     # ---------------------------------------------------------------- changes: PVs and VGs
 
-    def pvcreate(self, devices: Sequence[str], *, timeout: float | None = None) -> None:
+    def pvcreate(
+        self, devices: Sequence[str], *, uuid: str | None = None, timeout: float | None = None
+    ) -> None:
         """Never forced: a device with a foreign signature makes lvm ask, the answer is no,
-        and the command fails leaving the device untouched."""
-        self.command("pvcreate", "--", *_check_devices(devices), timeout=timeout)
+        and the command fails leaving the device untouched. ``uuid``: the new PV's UUID,
+        chosen by the caller (one device only), so that it can be recorded before it exists."""
+        devs = _check_devices(devices)
+        args: list[str] = []
+        if uuid is not None:
+            if len(devs) != 1 or not uuid or uuid.startswith("-"):
+                raise ValueError("a PV UUID applies to exactly one device")
+            args = ["--uuid", uuid, "--norestorefile"]
+        self.command("pvcreate", *args, "--", *devs, timeout=timeout)
 
     def vgcreate(
         self,
@@ -391,6 +400,26 @@ class Lvm:
         self, vg: str, name: str, tags: Sequence[str], *, timeout: float | None = None
     ) -> None:
         self._tags("--deltag", vg, name, tags, timeout)
+
+    def retag(
+        self,
+        vg: str,
+        name: str,
+        *,
+        add: Sequence[str] = (),
+        delete: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> None:
+        """Delete and add LV tags in ONE lvchange (a reader never sees neither or both)."""
+        args: list[str] = []
+        for tag in _check_tags(delete):
+            args += ["--deltag", tag]
+        for tag in _check_tags(add):
+            args += ["--addtag", tag]
+        if not args:
+            return
+        target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
+        self.command("lvchange", *args, "--", target, timeout=timeout)
 
     def _tags(
         self, flag: str, vg: str, name: str, tags: Sequence[str], timeout: float | None

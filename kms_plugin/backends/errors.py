@@ -15,6 +15,11 @@ class BackendUnavailable(BackendError):
     """The backend cannot be reached now (network, 5xx, timeout, circuit breaker open)."""
 
 
+class CredentialsRefused(BackendUnavailable):
+    """The backend refused our credentials (PKCS#11 PIN, cloud signature): not retried on
+    every call, because real HSMs lock the PIN after a few failures."""
+
+
 class BackendThrottled(BackendError):
     """The backend refused the call because of rate limiting."""
 
@@ -40,6 +45,7 @@ __all__ = [
     "BackendError",
     "BackendThrottled",
     "BackendUnavailable",
+    "CredentialsRefused",
     "InvalidCiphertext",
     "KeyDisabled",
     "KeyNotFound",

@@ -24,7 +24,21 @@ key to the front is refused.  ``state: disabled`` makes a key refuse to wrap and
 Several control-plane nodes need the same keyring.  ``rotate --stage`` adds the new key with
 ``state: staged`` (it unwraps, it never wraps); once the file is on every node,
 ``rotate --promote gN`` makes it the primary, so no node ever meets data wrapped under a key it
-does not have.
+does not have.  Only one key is staged at a time: a second ``--stage`` is refused and names the
+way out (``--promote gN`` or ``--unstage gN``, which drops a staged key: it never wrapped
+anything).
+
+**No rollback.**  A running backend remembers the highest ``next_generation`` and every
+non-staged key (generation and fingerprint) it has loaded.  A re-read file whose
+``next_generation`` went down, or that lacks or changed such a key (an old backup copied back,
+a hand edit), is refused with KeyringRollback: the backend keeps the keys it had, every call
+fails loudly and health is unhealthy, until the file is fixed or the plugin is restarted with
+``allow_rollback`` (``--local-allow-rollback``: a restore is intended).  The check covers one
+process's lifetime; a file replaced while no plugin runs is only caught by the primary rule.
+
+**Writers.**  ``keygen``, ``rotate`` and ``set_state`` hold an exclusive ``flock`` on
+``<keyring>.lock`` from reading the file to the atomic rename and re-check that the file did
+not change before renaming, so concurrent rotations never lose one.
 
 The file is refused if group or others have any permission on it.  It is re-read when its
 inode, size or mtime changes, so ``kms-plugin rotate`` takes effect without a restart.
@@ -37,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -45,8 +60,8 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,7 +71,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kms_plugin.backends.base import KeyBackend, RootKeyVersion, WrapResult, wrap_aad
 from kms_plugin.backends.errors import (
     BackendConfigError,
-    BackendUnavailable,
+    BackendError,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
@@ -72,10 +87,19 @@ class KeyringError(Exception):
     """The keyring file is missing, unsafe or malformed (message names the problem)."""
 
 
+class KeyringUnusable(BackendError):
+    """The keyring file of a running backend became unreadable, unsafe or malformed: an
+    operator must fix it (unhealthy, not the "degraded" of a passing network fault)."""
+
+
+class KeyringRollback(BackendError):
+    """The keyring file went back: a lower next_generation, or a key seen before is gone."""
+
+
 @dataclass(frozen=True)
 class RingKey:
     generation: int
-    key: bytes
+    key: bytes = field(repr=False)  # key material: never in a repr or a log line
     created: str
     state: str = "enabled"
 
@@ -206,13 +230,41 @@ def load_keyring(path: Path) -> Keyring:
         ) from None
     except json.JSONDecodeError as exc:
         raise KeyringError(f"keyring {path}: invalid JSON at line {exc.lineno}") from None
+    except UnicodeDecodeError as exc:
+        raise KeyringError(f"keyring {path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise KeyringError(f"keyring {path}: {exc.strerror or exc}") from None
     return parse_keyring(data, f"keyring {path}")
 
 
-def write_keyring(path: Path, ring: Keyring) -> None:
-    """Atomically replace the keyring file (0600, fsync, rename)."""
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[tuple[int, int, int] | None]:
+    """Hold the keyring's writer lock; yields the file's stamp as read under the lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path.with_name(path.name + ".lock")), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield _file_stamp(path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_keyring(
+    path: Path, ring: Keyring, *, expect: tuple[int, int, int] | None | bool = False
+) -> None:
+    """Atomically replace the keyring file (0600, fsync, rename).
+
+    ``expect``: the stamp the file had when it was read (under :func:`exclusive`); the write
+    is refused if the file changed since (a writer that did not take the lock).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=str(path.parent))
     try:
@@ -222,6 +274,11 @@ def write_keyring(path: Path, ring: Keyring) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if expect is not False and _file_stamp(path) != expect:
+            raise KeyringError(
+                f"keyring {path} changed while it was being updated; nothing written, run the "
+                "command again"
+            )
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -236,36 +293,71 @@ def write_keyring(path: Path, ring: Keyring) -> None:
 
 def keygen(path: Path, name: str = "local", *, force: bool = False) -> Keyring:
     """Create a keyring with one fresh key (generation 1)."""
-    if path.exists() and not force:
-        raise KeyringError(f"{path} exists; refusing to overwrite a keyring (keys would be lost)")
-    ring = Keyring(name, 2, (RingKey(1, AESGCM.generate_key(bit_length=256), _now()),))
-    parse_keyring(ring.to_json(), "new keyring")
-    write_keyring(path, ring)
-    return ring
+    with exclusive(path) as stamp:
+        if stamp is not None and not force:
+            raise KeyringError(
+                f"{path} exists; refusing to overwrite a keyring (keys would be lost)"
+            )
+        ring = Keyring(name, 2, (RingKey(1, AESGCM.generate_key(bit_length=256), _now()),))
+        parse_keyring(ring.to_json(), "new keyring")
+        write_keyring(path, ring, expect=stamp)
+        return ring
 
 
 def rotate(
-    path: Path, *, reinstate: str | None = None, stage: bool = False, promote: str | None = None
+    path: Path,
+    *,
+    reinstate: str | None = None,
+    stage: bool = False,
+    promote: str | None = None,
+    unstage: str | None = None,
 ) -> Keyring:
     """Add a new primary key (fresh, or a copy of an old one under a new generation).
 
-    ``stage``: add it as a staged key instead (unwraps, never wraps); ``promote``: make a
-    staged key the primary.
+    ``stage``: add it as a staged key instead (unwraps, never wraps); ``promote``: make the
+    staged key the primary; ``unstage``: drop a staged key.  The whole read-modify-write runs
+    under the keyring's writer lock.
     """
-    ring = load_keyring(path)
-    if promote is not None:
-        key = ring.find(promote)
-        if key is None or key.state != "staged":
-            raise KeyringError(f"keyring {path} has no staged key {promote}")
-        newest_staged = max(k.generation for k in ring.keys if k.state == "staged")
-        if key.generation != newest_staged:
-            raise KeyringError(f"promote the newest staged key (g{newest_staged}) instead")
-        rest = tuple(k for k in ring.keys if k.version != promote)
-        updated = Keyring(ring.name, ring.next_generation,
-                          (RingKey(key.generation, key.key, key.created), *rest))
+    with exclusive(path) as stamp:
+        ring = load_keyring(path)
+        updated = _rotated(ring, path, reinstate=reinstate, stage=stage, promote=promote,
+                           unstage=unstage)
         parse_keyring(updated.to_json(), f"keyring {path}")
-        write_keyring(path, updated)
+        write_keyring(path, updated, expect=stamp)
         return updated
+
+
+def _rotated(
+    ring: Keyring,
+    path: Path,
+    *,
+    reinstate: str | None,
+    stage: bool,
+    promote: str | None,
+    unstage: str | None,
+) -> Keyring:
+    staged = [k for k in ring.keys if k.state == "staged"]
+    if promote is not None or unstage is not None:
+        name = promote if promote is not None else unstage
+        key = ring.find(name or "")
+        if key is None or key.state != "staged":
+            raise KeyringError(f"keyring {path} has no staged key {name}")
+        if unstage is not None:
+            return Keyring(ring.name, ring.next_generation,
+                           tuple(k for k in ring.keys if k.generation != key.generation))
+        newest = max(k.generation for k in staged)
+        if key.generation != newest:
+            raise KeyringError(f"promote the newest staged key (g{newest}) instead")
+        # older staged keys (from before a second stage was refused) never wrapped: drop them
+        rest = tuple(k for k in ring.keys if k.state != "staged")
+        return Keyring(ring.name, ring.next_generation,
+                       (RingKey(key.generation, key.key, key.created), *rest))
+    if stage and staged:
+        g = max(k.generation for k in staged)
+        raise KeyringError(
+            f"keyring {path} already has a staged key g{g}: promote it (kms-plugin rotate "
+            f"--promote g{g}) or drop it (kms-plugin rotate --unstage g{g}) first"
+        )
     if reinstate is not None:
         old = ring.find(reinstate)
         if old is None:
@@ -277,37 +369,39 @@ def rotate(
         new = RingKey(ring.next_generation, material, _now(), "staged")
         keys = (ring.keys[0], new, *ring.keys[1:])
     else:
-        keys = (RingKey(ring.next_generation, material, _now()), *ring.keys)
-    updated = Keyring(ring.name, ring.next_generation + 1, keys)
-    parse_keyring(updated.to_json(), f"keyring {path}")
-    write_keyring(path, updated)
-    return updated
+        # a new primary supersedes a staged key: it never wrapped anything, drop it
+        keys = (RingKey(ring.next_generation, material, _now()),
+                *(k for k in ring.keys if k.state != "staged"))
+    return Keyring(ring.name, ring.next_generation + 1, keys)
 
 
 def set_state(path: Path, version: str, state: str) -> Keyring:
     """Enable or disable one key of the ring (revocation drill, recovery)."""
-    ring = load_keyring(path)
-    if ring.find(version) is None:
-        raise KeyringError(f"keyring {path} has no key {version}")
-    keys = tuple(
-        RingKey(k.generation, k.key, k.created, state) if k.version == version else k
-        for k in ring.keys
-    )
-    updated = Keyring(ring.name, ring.next_generation, keys)
-    write_keyring(path, updated)
-    return updated
-
+    with exclusive(path) as stamp:
+        ring = load_keyring(path)
+        if ring.find(version) is None:
+            raise KeyringError(f"keyring {path} has no key {version}")
+        keys = tuple(
+            RingKey(k.generation, k.key, k.created, state) if k.version == version else k
+            for k in ring.keys
+        )
+        updated = Keyring(ring.name, ring.next_generation, keys)
+        write_keyring(path, updated, expect=stamp)
+        return updated
 
 
 class LocalBackend(KeyBackend):
     name: ClassVar[str] = "local"
-    OPTIONS: ClassVar[frozenset[str]] = frozenset({"keyring"})
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"keyring", "allow_rollback"})
 
-    def __init__(self, keyring_path: Path) -> None:
+    def __init__(self, keyring_path: Path, *, allow_rollback: bool = False) -> None:
         self.path = keyring_path
+        self.allow_rollback = allow_rollback
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int, int] | None = None
         self._ring: Keyring | None = None
+        self._high_next = 0  # the highest next_generation loaded
+        self._seen: dict[int, str] = {}  # generation -> root_version of non-staged keys
         try:
             self._reload(force=True)
         except KeyringError as exc:
@@ -321,7 +415,36 @@ class LocalBackend(KeyBackend):
         path = options.get("keyring")
         if not path:
             raise BackendConfigError("local backend: option 'keyring' (file path) is required")
-        return cls(Path(str(path)))
+        allow = options.get("allow_rollback", False)
+        if isinstance(allow, str):
+            allow = allow.strip().lower() in ("1", "true", "yes", "on")
+        return cls(Path(str(path)), allow_rollback=bool(allow))
+
+    def _check_rollback(self, ring: Keyring) -> None:
+        """Refuse a file that went back (see the module doc); remember what it holds."""
+        if not self.allow_rollback and self._ring is not None:
+            problems = []
+            if ring.next_generation < self._high_next:
+                problems.append(
+                    f"next_generation went down from {self._high_next} to {ring.next_generation}"
+                )
+            present = {k.generation: k.root_version for k in ring.keys if k.state != "staged"}
+            lost = sorted(g for g, v in self._seen.items() if present.get(g) != v)
+            if lost:
+                problems.append(
+                    "keys seen before are missing or changed: "
+                    + ", ".join(f"g{g}" for g in lost)
+                )
+            if problems:
+                raise KeyringRollback(
+                    f"KEYRING ROLLBACK REFUSED: keyring {self.path}: {'; '.join(problems)}. "
+                    "Still using the keys loaded before. Restore the newest keyring, or restart "
+                    "with --local-allow-rollback if a restore from backup is intended"
+                )
+        self._high_next = max(self._high_next, ring.next_generation)
+        for k in ring.keys:
+            if k.state != "staged":
+                self._seen[k.generation] = k.root_version
 
     def _reload(self, force: bool = False) -> Keyring:
         """Return the keyring, re-reading the file when it changed on disk."""
@@ -330,7 +453,7 @@ class LocalBackend(KeyBackend):
                 st = self.path.stat()
             except OSError as exc:
                 if self._ring is not None and not force:
-                    raise BackendUnavailable(
+                    raise KeyringUnusable(
                         f"keyring {self.path} unreadable: {exc.strerror}"
                     ) from None
                 raise KeyringError(f"keyring {self.path}: {exc.strerror or exc}") from None
@@ -342,9 +465,10 @@ class LocalBackend(KeyBackend):
                     if self._ring is None or force:
                         raise
                     # a broken or unsafe file on a running plugin: keep serving, say why
-                    raise BackendUnavailable(str(exc)) from None
+                    raise KeyringUnusable(str(exc)) from None
                 if self._ring is not None and ring.name != self._ring.name:
-                    raise BackendUnavailable(f"keyring {self.path} changed its name; refused")
+                    raise KeyringUnusable(f"keyring {self.path} changed its name; refused")
+                self._check_rollback(ring)
                 self._ring, self._stamp = ring, stamp
             assert self._ring is not None
             return self._ring
@@ -393,6 +517,8 @@ class LocalBackend(KeyBackend):
 __all__ = [
     "Keyring",
     "KeyringError",
+    "KeyringRollback",
+    "KeyringUnusable",
     "LocalBackend",
     "RingKey",
     "check_permissions",

@@ -114,6 +114,17 @@ def test_load_exits_with_usage_error_on_bad_flag_value(capsys: pytest.CaptureFix
     assert "--workers" in capsys.readouterr().err
 
 
+def test_a_secret_option_is_never_a_flag_nor_in_the_repr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit):
+        load(Opts, ["--token", "s3cr3t"], env_prefix="T_", prog="prog", description="d")
+    assert "unrecognized arguments: --token" in capsys.readouterr().err
+    monkeypatch.setenv("T_TOKEN", "s3cr3t")
+    opts = load(Opts, [], env_prefix="T_", prog="prog", description="d")
+    assert opts.token == "s3cr3t" and "s3cr3t" not in repr(opts)
+
+
 def test_reference_table_lists_every_option_and_hides_secret_defaults() -> None:
     table = markdown_table(Opts, "T_")
     names = ("endpoint", "workers", "ratio", "debug", "mode", "vgs", "labels", "group", "token")

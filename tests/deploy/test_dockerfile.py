@@ -158,3 +158,26 @@ def test_manifests_run_only_commands_the_image_installs() -> None:
                 elif c["image"].startswith("edge-node-services") or (
                         "edge-node-services" in c["image"]):
                     raise AssertionError(f"{c['name']} runs our image without a command")
+
+
+PRODUCT_PACKAGES = {"edge_common", "edge_proto", "csi_lvm", "node_resource_manager", "kms_plugin"}
+CHECKOUT_TOOLS = ("fake_kms", "tests", "edge_demo", "kernel_guest", "benchmarks")
+
+
+def test_product_wheel_holds_the_services_and_no_checkout_tool() -> None:
+    from setuptools import find_packages
+
+    includes = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = find_packages(where=str(ROOT), include=includes)
+    assert {name.partition(".")[0] for name in found} == PRODUCT_PACKAGES
+    assert not [name for name in found if name.startswith(CHECKOUT_TOOLS)]
+    ignored = patterns()
+    for tool in CHECKOUT_TOOLS:
+        assert is_ignored(f"{tool}/__init__.py", ignored), f"{tool}/ is in the build context"
+
+
+def test_product_code_never_imports_a_checkout_tool() -> None:
+    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(CHECKOUT_TOOLS)})\b", re.M)
+    for package in PRODUCT_PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            assert not pattern.search(path.read_text()), f"{path} imports a checkout tool"

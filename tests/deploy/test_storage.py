@@ -187,9 +187,36 @@ def test_plugin_sees_kubelet_paths_at_the_same_path_and_host_devices(
     seen = resolve(ds, plugin, target)
     assert seen is not None and seen.where == target
     for name in ("csi-lvm", "node-resource-manager"):
-        dev = resolve(ds, container(ds, name), "/dev/sdb")
+        c = container(ds, name)
+        dev_dir = our_config(c).dev_dir if name == "node-resource-manager" else "/dev"
+        dev = resolve(ds, c, f"{dev_dir}/sdb")
         assert dev is not None and dev.where == "/dev/sdb", f"{name} lacks the host's /dev"
-        assert container(ds, name).get("securityContext", {}).get("privileged") is True
+        assert c.get("securityContext", {}).get("privileged") is True
+
+
+def _lvm_in_host_mount_namespace(argv: list[str]) -> bool:
+    return argv[:1] == ["nsenter"] and any(a.startswith("--mount=/proc/1/ns/mnt") for a in argv)
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_agent_reads_the_hosts_dev_at_its_dev_dir_and_lvm_gets_paths_it_can_open(
+    kubectl: str, directory: Path
+) -> None:
+    """--dev-dir is where the AGENT sees the host's /dev; LVM is always handed /dev/...
+    paths, so where LVM runs (host namespace via nsenter, or this container) /dev must be the
+    host's. The mount tables it reads are the host's only with hostPID, which the agent
+    checks (--mount-namespace=hostpid)."""
+    ds = node_ds(render(directory))
+    agent = container(ds, "node-resource-manager")
+    cfg = our_config(agent)
+    seen = resolve(ds, agent, f"{cfg.dev_dir}/sdb")
+    assert seen is not None and seen.kind == "hostPath" and seen.where == "/dev/sdb"
+    assert cfg.host_paths().dev_disk.as_posix() == f"{cfg.dev_dir}/disk"
+    if not _lvm_in_host_mount_namespace(cfg.lvm_command):
+        lvm_view = resolve(ds, agent, "/dev/sdb")
+        assert lvm_view is not None and lvm_view.where == "/dev/sdb", "LVM lacks the host /dev"
+    assert pod_spec(ds)["hostPID"] is True and cfg.mount_namespace == "hostpid"
+    assert "/proc/1/mountinfo" in cfg.mount_tables
 
 
 # ------------------------------------------------------------------------------ flags

@@ -21,8 +21,9 @@ from edge_common.loopdisk import device_fingerprint, write_gpt
 from edge_common.lvm import Lvm
 from node_resource_manager.devices import HostPaths, resolve
 from node_resource_manager.events import LogSink
-from node_resource_manager.executor import OVERPROVISION_TAG
+from node_resource_manager.identity import Pins
 from node_resource_manager.journal import Journal
+from node_resource_manager.plan import OVERPROVISION_TAG
 from node_resource_manager.reconcile import Outcome, Reconciler, ReconcileResult
 from node_resource_manager.safety import Reason, SafetyChecker, SafetySettings
 from node_resource_manager.sources import config_from_text
@@ -98,6 +99,68 @@ def test_volume_group_and_thin_pool_from_the_guest_disks(
         again = reconcile(lvm, tmp_path, topology_text(spec))
         assert again.outcome is Outcome.CONVERGED
         assert again.plan is not None and again.plan.actions == []
+
+
+def test_overprovision_ratio_change_converges_on_an_existing_pool(
+    kernel_disks: list[str], lvm: Lvm, tmp_path: Path
+) -> None:
+    """A new ratio is planned (dry run), applied as the ONE tag the CSI driver reads, evented,
+    and the status shows what LVM holds."""
+    vg = unique_vg_name("nrmratio")
+    pool_cfg: dict[str, object] = {"name": "pool0", "sizePercent": 50, "overprovisionRatio": 4}
+    with removed_afterwards(lvm, vg):
+        assert reconcile(lvm, tmp_path, topology_text(
+            entry(vg, kernel_disks[:1], thinPool=pool_cfg))).outcome is Outcome.CONVERGED
+        lvm.addtag(vg, "pool0", [f"{OVERPROVISION_TAG}9"])  # a stale second tag
+        pool_cfg["overprovisionRatio"] = 2.5
+        text = topology_text(entry(vg, kernel_disks[:1], thinPool=pool_cfg))
+
+        dry = reconcile(lvm, tmp_path, text, dry_run=True)
+        assert dry.status["plannedActions"] == [
+            f"set thin pool {vg}/pool0 overprovision ratio to 2.5 (was 4, 9; tag "
+            f"{OVERPROVISION_TAG}2.5)"]
+        (status_vg,) = dry.status["volumeGroups"]
+        assert status_vg["thinPool"]["overprovisionRatio"] is None  # two tags: ambiguous
+        assert status_vg["thinPool"]["overprovisionTags"] == ["4", "9"]
+        pool = lvm.get_lv(vg, "pool0")
+        assert pool is not None
+        assert sorted(t for t in pool.tags if t.startswith(OVERPROVISION_TAG)) == [
+            f"{OVERPROVISION_TAG}4", f"{OVERPROVISION_TAG}9"]
+
+        sink = LogSink()
+        done = reconcile(lvm, tmp_path, text, sink=sink)
+        assert done.outcome is Outcome.CONVERGED, done.message
+        pool = lvm.get_lv(vg, "pool0")
+        assert pool is not None
+        assert [t for t in pool.tags if t.startswith(OVERPROVISION_TAG)] == [
+            f"{OVERPROVISION_TAG}2.5"]
+        assert [m for r, m, _ in sink.events if r == "ThinPoolSettingsChanged"] == [
+            f"thin pool {vg}/pool0: overprovision ratio set to 2.5 (was 4, 9)"]
+        (status_vg,) = done.status["volumeGroups"]
+        assert status_vg["thinPool"]["overprovisionRatio"] == 2.5
+        assert status_vg["thinPool"]["configured"] == {"sizePercent": 50,
+                                                       "overprovisionRatio": 2.5}
+        assert "overprovisionTags" not in status_vg["thinPool"]
+        again = reconcile(lvm, tmp_path, text)
+        assert again.plan is not None and again.plan.actions == []
+
+
+def test_guest_disk_identity_is_the_kernel_s_and_survives_reverification(
+    kernel_disks: list[str], tmp_path: Path
+) -> None:
+    """diskseq and size as the real kernel reports them; a device-mapper map stacked on the
+    pinned disk (a holder appearing) does not change the medium's identity."""
+    paths = HostPaths()
+    dev = resolve(kernel_disks[0], paths)
+    name = dev.kname
+    with Pins(paths) as pins:
+        pinned = pins.pin(dev)
+        ident = pinned.identity
+        assert ident.diskseq == int(Path(f"/sys/class/block/{name}/diskseq").read_text())
+        assert ident.size_sectors == int(Path(f"/sys/class/block/{name}/size").read_text())
+        assert ident.backing_file is None
+        with dm_linear("nrm-identity", kernel_disks[0]):
+            assert pinned.verify(paths) == []
 
 
 def test_thin_pool_grows_to_its_percent_when_the_volume_group_grows(

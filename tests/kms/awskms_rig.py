@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
+from fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms, Fault
 from kms_plugin.backends.awskms import AwsKmsBackend, AwsKmsOptions
-from kms_plugin.fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms, Fault
 
 # Fast retries and an isolated environment: nothing from the developer's AWS setup leaks in.
 FAST_RETRIES: dict[str, object] = {

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from kms_plugin.backends import errors
 from kms_plugin.backends.awskms import AwsKmsBackend, AwsKmsOptions
 from kms_plugin.backends.awskms import backend as backend_module
 from kms_plugin.backends.awskms.breaker import BreakerState
 from kms_plugin.backends.base import RootKeyVersion
 from kms_plugin.backends.registry import load_backend_class
-from kms_plugin.fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from tests.kms.awskms_rig import FAST_RETRIES, FakeKmsRig, isolated_env
 
 SEED = bytes(range(32))

@@ -2,7 +2,7 @@
 
 Our fake answers like AWS by default; with a profile it answers like nsmithuk/local-kms,
 LocalStack (current and mid-2025) or an older moto server (see
-``kms_plugin/fake_kms/profiles.py`` for what each one does differently and where that was
+``fake_kms/profiles.py`` for what each one does differently and where that was
 read).  The same backend must work on all of them: find a key version with whatever the
 endpoint offers, ask an operation the endpoint lacks once only, never mistake "not
 implemented" for an outage (retries, circuit breaker) or an unexpected answer for success,
@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from fake_kms import FakeKms
+from fake_kms.cli import build_parser
+from fake_kms.profiles import PROFILES, get_profile
 from kms_plugin.backends import errors
 from kms_plugin.backends.awskms import AwsKmsBackend, AwsKmsOptions, sigv4
 from kms_plugin.backends.awskms.backend import STATIC_VERSION
@@ -39,9 +42,6 @@ from kms_plugin.backends.awskms.credentials import AwsCredentials
 from kms_plugin.backends.base import RootKeyVersion
 from kms_plugin.cli import main as plugin_main
 from kms_plugin.envelope import derive_key_id
-from kms_plugin.fake_kms import FakeKms
-from kms_plugin.fake_kms.cli import build_parser
-from kms_plugin.fake_kms.profiles import PROFILES, get_profile
 from tests.kms.apiserver import FakeApiserver
 from tests.kms.awskms_rig import FAST_RETRIES, isolated_env
 from tests.kms.conftest import BackendRig, StartPlugin
@@ -614,7 +614,11 @@ def test_selftest_command_passes_against_every_emulator(
     try:
         argv = ["selftest", "--backend", "awskms", "--json"]
         for name, value in emu.options().items():
-            argv += [f"--awskms-{name.replace('_', '-')}", str(value)]
+            if name in ("access_key_id", "secret_access_key", "session_token"):
+                # secrets are never flags: the environment (or the config file) only
+                monkeypatch.setenv(f"KMS_PLUGIN_AWSKMS_{name.upper()}", str(value))
+            else:
+                argv += [f"--awskms-{name.replace('_', '-')}", str(value)]
         code = plugin_main(argv)
         out = capsys.readouterr().out
         assert code == 0, out

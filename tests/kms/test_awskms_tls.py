@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from kms_plugin.backends import errors
 from kms_plugin.backends.awskms import AwsKmsBackend, AwsKmsOptions
-from kms_plugin.fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from tests.kms.awskms_rig import FAST_RETRIES, isolated_env
 
 

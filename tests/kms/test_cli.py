@@ -54,8 +54,19 @@ def test_serve_refuses_a_keyring_readable_by_others(tmp_path: Path, capsys, monk
     local.keygen(ring, "edge")
     ring.chmod(0o644)
     code, _, err = run(capsys, "serve", "--local-keyring", str(ring),
-                       "--endpoint", f"unix:///@kmst-refused-{os.getpid()}")
+                       "--endpoint", f"unix://{tmp_path}/kms.sock")
     assert code == 2 and "chmod 600" in err
+
+
+def test_serve_refuses_an_abstract_socket_which_anyone_could_decrypt_through(
+    tmp_path: Path, capsys, monkeypatch
+):
+    monkeypatch.setattr("kms_plugin.cli.setup_logging", lambda *a, **k: None)
+    ring = tmp_path / "ring.json"
+    local.keygen(ring, "edge")
+    code, _, err = run(capsys, "serve", "--local-keyring", str(ring),
+                       "--endpoint", f"unix:///@kmst-open-{os.getpid()}")
+    assert code == 1 and "abstract unix socket" in err and "no file permissions" in err
 
 
 def test_config_file_environment_and_flags_reach_the_plugin_config(tmp_path: Path, monkeypatch):
@@ -179,3 +190,23 @@ def test_http_endpoint_serves_healthz_readyz_and_metrics_with_hashed_key_ids(
         urllib.request.urlopen(base + "/readyz", timeout=5)
     assert info.value.code == 503
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+
+
+def test_secrets_are_never_flags_nor_in_any_repr(tmp_path: Path, capsys, monkeypatch):
+    from kms_plugin.backends.awskms import AwsKmsOptions
+    from kms_plugin.backends.awskms.credentials import AwsCredentials
+    from kms_plugin.config import PluginConfig
+
+    for flag in ("--awskms-secret-access-key", "--awskms-session-token",
+                 "--awskms-access-key-id"):
+        with pytest.raises(SystemExit):
+            main(["selftest", flag, "x"])
+        assert "unrecognized arguments" in capsys.readouterr().err
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    config = PluginConfig(awskms_secret_access_key=secret, awskms_session_token=secret)
+    assert secret not in repr(config)
+    assert secret not in repr(AwsKmsOptions.parse({"key_id": "k", "secret_access_key": secret}))
+    assert secret not in repr(AwsCredentials("AKIA", secret, secret))
+    ring = tmp_path / "ring.json"
+    keyring = local.keygen(ring, "edge")
+    assert repr(keyring.primary.key) not in repr(keyring)

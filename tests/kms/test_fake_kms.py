@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from kms_plugin.backends.awskms import sigv4
 from kms_plugin.backends.awskms.credentials import AwsCredentials
-from kms_plugin.fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 from tests.kms.awskms_rig import FakeKmsRig
 
 CREDS = AwsCredentials(TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY)

@@ -1,4 +1,4 @@
-"""The fake KMS as a process: `python -m kms_plugin.fake_kms` (behind `kms-plugin fake-kms`)."""
+"""The fake KMS as a process: `python -m fake_kms` (a checkout tool, not in the product)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, main
 from kms_plugin.backends.awskms import AwsKmsBackend, AwsKmsOptions
-from kms_plugin.fake_kms import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, main
 from tests.kms.awskms_rig import FAST_RETRIES, isolated_env
 
 
@@ -22,7 +22,7 @@ def fake_kms_process() -> Iterator[tuple[subprocess.Popen[str], dict[str, object
         [
             sys.executable,
             "-m",
-            "kms_plugin.fake_kms",
+            "fake_kms",
             "--create-key",
             "--alias",
             "alias/demo",

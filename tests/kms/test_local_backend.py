@@ -11,7 +11,6 @@ from kms_plugin.backends import local
 from kms_plugin.backends.base import RootKeyVersion
 from kms_plugin.backends.errors import (
     BackendConfigError,
-    BackendUnavailable,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
@@ -115,7 +114,10 @@ def test_a_keyring_broken_while_running_keeps_the_loaded_keys_out_of_use_and_say
     backend = local.LocalBackend(ring)
     ring.write_text("{not json")
     ring.chmod(0o600)
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(local.KeyringUnusable, match="invalid JSON"):
+        backend.current_key()
+    ring.write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(local.KeyringUnusable, match="not UTF-8"):
         backend.current_key()
 
 

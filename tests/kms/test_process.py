@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_common.server import unix_channel
+from edge_common.server import EndpointError, unix_channel
 from edge_proto.kms.v2 import service_pb2, service_pb2_grpc
 from kms_plugin.envelope import ANNOTATION_KEY
 from tests.kms.apiserver import FakeApiserver
@@ -212,15 +213,18 @@ def test_a_live_socket_is_not_taken_over_but_a_stale_one_is_replaced(
     assert third.terminate() == 0
 
 
-def test_socket_is_0600_by_default_and_abstract_sockets_work(
+def test_socket_is_0600_by_default_and_abstract_sockets_are_refused(
     local_backend_rig: BackendRig, start_plugin: StartPlugin
 ):
     rp = start_plugin(local_backend_rig)
     path = rp.endpoint[len("unix://"):]
     assert os.stat(path).st_mode & 0o777 == 0o600
-    abstract = start_plugin(local_backend_rig, endpoint=f"unix:///@kmst-{os.getpid()}-{id(rp)}")
-    with FakeApiserver(abstract.endpoint) as api:
-        assert api.status().healthz == "ok"
+    name = f"kmst-{os.getpid()}-{id(rp)}"
+    with pytest.raises(EndpointError, match="abstract unix socket"):
+        start_plugin(local_backend_rig, endpoint=f"unix:///@{name}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # nothing listens there
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(f"\0{name}")
 
 
 def test_socket_group_makes_the_socket_0660_for_that_group(
@@ -230,3 +234,30 @@ def test_socket_group_makes_the_socket_0660_for_that_group(
     rp = start_plugin(local_backend_rig, socket_group=str(gid))
     st = os.stat(rp.endpoint[len("unix://"):])
     assert st.st_mode & 0o777 == 0o660 and st.st_gid == gid
+
+
+def test_serve_runs_without_core_dumps_and_survives_kube_events_without_credentials(
+    local_backend_rig: BackendRig, serve: Any, monkeypatch: pytest.MonkeyPatch
+):
+    # a static pod: the service env is there, the service-account token is not
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    proc = serve(local_backend_rig, kube_events=True).wait_ready()
+    limits = Path(f"/proc/{proc.proc.pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    assert "--kube-events: no Kubernetes credentials" in proc.log()
+    assert proc.terminate() == 0
+
+
+def test_harden_process_turns_core_dumps_off_and_makes_the_process_non_dumpable():
+    code = (
+        "import resource; from kms_plugin.hardening import harden_process, is_dumpable; "
+        "assert is_dumpable(); harden_process(); "
+        "print(resource.getrlimit(resource.RLIMIT_CORE), is_dumpable())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(0, 0) False"

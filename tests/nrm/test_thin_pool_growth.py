@@ -9,12 +9,15 @@ import dataclasses
 from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
 from edge_common.lvm.attr import LvAttr
 from node_resource_manager.devices import HostPaths
+from node_resource_manager.identity import Pins
 from node_resource_manager.journal import Journal
 from node_resource_manager.plan import (
+    OVERPROVISION_TAG,
     ExtendThinPool,
     ExtendVolumeGroup,
     Plan,
     Planner,
+    RetagThinPool,
     describe,
     thin_pool_growth,
 )
@@ -37,9 +40,10 @@ def _vg(size: int, free: int, name: str = "vg1") -> VolumeGroup:
 
 
 def _lv(name: str, size: int, *, attr: str = "twi-a-tz--", meta: int | None = 8 * MiB,
-        vg: str = "vg1") -> LogicalVolume:
+        vg: str = "vg1", tags: tuple[str, ...] = (f"{OVERPROVISION_TAG}4",)) -> LogicalVolume:
     return LogicalVolume(name=name, vg_name=vg, uuid=f"uuid-{name}", size=size,
-                         attr=LvAttr.parse(attr), metadata_size=meta, segtype="thin-pool")
+                         attr=LvAttr.parse(attr), metadata_size=meta, segtype="thin-pool",
+                         tags=tags)
 
 
 def _spec(percent: int = 80, pool: str = "pool0", devices: tuple[str, ...] = ()
@@ -52,7 +56,8 @@ def _spec(percent: int = 80, pool: str = "pool0", devices: tuple[str, ...] = ()
 def _plan(spec: VolumeGroupSpec, report: LvmReport, paths: HostPaths | None = None) -> Plan:
     checker = SafetyChecker()
     planner = Planner(checker, Journal(None), paths or HostPaths())
-    return planner.plan([spec], report, checker.snapshot(report.pvs))
+    with Pins(planner.paths) as pins:
+        return planner.plan([spec], report, checker.snapshot(report.pvs), pins)
 
 
 def test_pool_smaller_than_its_percent_of_a_grown_vg_is_planned_to_grow() -> None:
@@ -152,3 +157,30 @@ def test_pool_is_planned_to_grow_after_the_vg_is_extended_in_the_same_plan(
     # Without the new disk the pool is at its percent: nothing to do.
     alone = dataclasses.replace(spec, devices=(disks[0].device,))
     assert _plan(alone, report, nrm.paths()).actions == []
+
+
+# ---------------------------------------------------------------------- settings carried as tags
+
+
+def test_changed_overprovision_ratio_is_planned_as_a_retag() -> None:
+    vg = _vg(2000 * MiB, 200 * MiB)
+    report = LvmReport(vgs=(vg,), lvs=(_lv("pool0", 1600 * MiB),))  # carries ratio 4
+    spec = dataclasses.replace(_spec(80), thin_pool=ThinPoolSpec("pool0", 80, 2.5))
+    plan = _plan(spec, report)
+    assert plan.actions == [RetagThinPool("vg1", ThinPoolSpec("pool0", 80, 2.5),
+                                          f"{OVERPROVISION_TAG}2.5", (f"{OVERPROVISION_TAG}4",))]
+    assert ("volume group vg1: set thin pool vg1/pool0 overprovision ratio to 2.5 (was 4; tag "
+            f"{OVERPROVISION_TAG}2.5)") in describe(plan)
+
+
+def test_missing_or_extra_overprovision_tags_converge_to_exactly_one() -> None:
+    vg = _vg(2000 * MiB, 200 * MiB)
+    untagged = LvmReport(vgs=(vg,), lvs=(_lv("pool0", 1600 * MiB, tags=("other",)),))
+    (act,) = _plan(_spec(80), untagged).actions
+    assert act == RetagThinPool("vg1", ThinPoolSpec("pool0", 80, 4), f"{OVERPROVISION_TAG}4", ())
+    twice = LvmReport(vgs=(vg,), lvs=(_lv("pool0", 1600 * MiB, tags=(
+        f"{OVERPROVISION_TAG}4", f"{OVERPROVISION_TAG}9")),))
+    (act,) = _plan(_spec(80), twice).actions
+    assert isinstance(act, RetagThinPool) and act.stale == (f"{OVERPROVISION_TAG}9",)
+    in_sync = LvmReport(vgs=(vg,), lvs=(_lv("pool0", 1600 * MiB),))
+    assert _plan(_spec(80), in_sync).actions == []

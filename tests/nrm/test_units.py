@@ -13,10 +13,11 @@ import pytest
 
 from edge_common.commands import run
 from edge_common.lvm import VolumeGroup
-from node_resource_manager.devices import BlockDevice, HostPaths, expand_pattern
+from node_resource_manager.devices import HostPaths, expand_pattern
 from node_resource_manager.events import Deduper
 from node_resource_manager.executor import thin_pool_sizes
-from node_resource_manager.journal import Journal
+from node_resource_manager.identity import MediumIdentity
+from node_resource_manager.journal import Journal, new_pv_uuid
 from node_resource_manager.topology import ThinPoolSpec
 from node_resource_manager.udev import UdevWatcher
 from tests.nrm.conftest import ADMITTED, REPO, NrmRig, cli_env, entry, topology_text
@@ -57,16 +58,53 @@ def test_kernel_name_pattern_matches_block_devices_by_name(nrm: NrmRig) -> None:
 
 
 def test_journal_survives_a_restart_and_a_damaged_one_claims_nothing(tmp_path: Path) -> None:
-    dev = BlockDevice("/dev/x", rdev=(7 << 8) | 42, kname="x", path="/dev/x")
+    ident = MediumIdentity(rdev=(7 << 8) | 42, kname="x", size_sectors=2048, diskseq=9,
+                           wwn=None, serial=None, backing_file="/img", boot_id="b1")
+    pv_uuid = new_pv_uuid()
     journal = Journal(tmp_path)
-    journal.add("vg1", [dev])
-    assert Journal(tmp_path).claims(dev.rdev, "vg1")
-    assert not Journal(tmp_path).claims(dev.rdev, "vg2")
-    Journal(tmp_path).done([dev])
-    assert not Journal(tmp_path).claims(dev.rdev, "vg1")
-    journal.add("vg1", [dev])
+    journal.add("vg1", pv_uuid, ident, "/dev/x")
+    assert Journal(tmp_path).claims(pv_uuid, ident, "vg1")
+    assert not Journal(tmp_path).claims(pv_uuid, ident, "vg2")
+    assert not Journal(tmp_path).claims(new_pv_uuid(), ident, "vg1")
+    Journal(tmp_path).done([pv_uuid])
+    assert not Journal(tmp_path).claims(pv_uuid, ident, "vg1")
+    journal.add("vg1", pv_uuid, ident, "/dev/x")
     (tmp_path / Journal.FILE).write_text("{not json")
-    assert not Journal(tmp_path).claims(dev.rdev, "vg1")
+    assert not Journal(tmp_path).claims(pv_uuid, ident, "vg1")
+
+
+def test_journal_of_the_old_major_minor_format_claims_nothing(tmp_path: Path) -> None:
+    """Version 1 keyed entries by major:minor, which a renumbered disk inherits."""
+    (tmp_path / Journal.FILE).write_text('{"pending": {"7:42": {"vg": "vg1", "path": "/dev/x"}}}')
+    assert Journal(tmp_path).pending() == {}
+
+
+def test_journal_claims_only_the_same_medium() -> None:
+    """UUID and medium must both match; the device number and name never count."""
+    rec = MediumIdentity(rdev=(7 << 8) | 42, kname="loop5", size_sectors=2048, diskseq=9,
+                         wwn=None, serial=None, backing_file="/img-a", boot_id="b1").to_dict()
+
+    def now(**kw: object) -> MediumIdentity:
+        base: dict[str, object] = dict(rdev=(7 << 8) | 42, kname="loop5", size_sectors=2048,
+                                       diskseq=9, wwn=None, serial=None, backing_file="/img-a",
+                                       boot_id="b1")
+        base.update(kw)
+        return MediumIdentity(**base)  # type: ignore[arg-type]
+
+    assert now().same_medium_as(rec)
+    assert now(rdev=(7 << 8) | 1, kname="loop1").same_medium_as(rec)  # renumbered: same medium
+    assert now(diskseq=10).same_medium_as(rec)  # the same file attached again
+    assert not now(backing_file="/img-b").same_medium_as(rec)  # same number, other medium
+    assert not now(size_sectors=4096).same_medium_as(rec)
+    # Without a persistent identifier only the diskseq of the same boot identifies.
+    bare = dict(rec, backingFile=None)
+    assert now(backing_file=None).same_medium_as(bare)
+    assert not now(backing_file=None, diskseq=10).same_medium_as(bare)
+    assert not now(diskseq=9, boot_id="b2", backing_file=None).same_medium_as(bare)
+    disk = dict(bare, wwn="naa.5000c500a1b2c3d4")
+    assert now(diskseq=3, boot_id="b2", backing_file=None,
+               wwn="naa.5000c500a1b2c3d4").same_medium_as(disk)
+    assert not now(backing_file=None, wwn="naa.5000c500ffffffff").same_medium_as(disk)
 
 
 def test_offline_daemon_applies_a_topology_file_change(nrm: NrmRig) -> None:

@@ -87,6 +87,10 @@ def read_credentials_file(path: Path, profile: str) -> AwsCredentials:
         raise BackendConfigError(
             f"AWS shared credentials file {path} unreadable: {exc.strerror}"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise BackendConfigError(
+            f"AWS shared credentials file {path} is not UTF-8 text (byte {exc.start})"
+        ) from None
     except configparser.Error as exc:
         # The parser's message may quote a line of the file (a secret): name the line only.
         line = getattr(exc, "lineno", None)

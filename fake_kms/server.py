@@ -6,7 +6,7 @@ or 5xx status.  Every request must carry a well-formed SigV4 ``Authorization`` h
 to service ``kms`` and the server's region; when the server knows credentials
 (``credentials={access_key_id: secret}``) it also verifies the signature.
 
-``profile=`` (:mod:`kms_plugin.fake_kms.profiles`) makes it answer like another emulator
+``profile=`` (:mod:`fake_kms.profiles`) makes it answer like another emulator
 instead of AWS: ``local-kms``, ``localstack``, ``localstack-legacy``, ``moto-legacy``.
 
 Control, in process (methods of :class:`FakeKms`) or over HTTP (no auth; bind to loopback):
@@ -38,15 +38,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from kms_plugin.backends.awskms import sigv4
-from kms_plugin.fake_kms.faults import Fault, FaultKind, FaultPlan
-from kms_plugin.fake_kms.profiles import (
+from fake_kms.faults import Fault, FaultKind, FaultPlan
+from fake_kms.profiles import (
     EmulationProfile,
     ScopeRegion,
     UnsupportedStyle,
     get_profile,
 )
-from kms_plugin.fake_kms.store import OPERATIONS, KeyStore, KmsApiError
+from fake_kms.store import OPERATIONS, KeyStore, KmsApiError
+from kms_plugin.backends.awskms import sigv4
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ MAX_BODY = 1 << 20
 MAX_SKEW_SECONDS = 15 * 60
 ADMIN_PREFIX = "/_fake/"
 
-# A credential the tests (and `kms-plugin fake-kms --verify-signatures`) use.
+# A credential the tests (and `python -m fake_kms --verify-signatures`) use.
 TEST_ACCESS_KEY_ID = "AKIAFAKEKMS000000001"
 TEST_SECRET_ACCESS_KEY = "fake-kms-secret-key-for-tests-only"
 

@@ -1,4 +1,4 @@
-"""``kms-plugin fake-kms``: run the fake AWS KMS in the foreground until SIGTERM/SIGINT."""
+"""``python -m fake_kms``: run the fake AWS KMS in the foreground until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from kms_plugin.fake_kms.profiles import PROFILES
-from kms_plugin.fake_kms.server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
+from fake_kms.profiles import PROFILES
+from fake_kms.server import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, FakeKms
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add the fake-kms arguments to ``parser`` (a sub-command parser) or a new one."""
+    """Add the fake KMS arguments to ``parser`` or a new one."""
     if parser is None:
         parser = argparse.ArgumentParser(
-            prog="kms-plugin fake-kms",
+            prog="python -m fake_kms",
             description="Run a fake AWS KMS (JSON API subset) for tests and demos.",
         )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     keys: list[str] = []
     if args.create_key or args.alias:
-        arn = fake.create_key("created by kms-plugin fake-kms")
+        arn = fake.create_key("created by python -m fake_kms")
         keys.append(arn)
         if args.alias:
             fake.create_alias(args.alias, arn)

@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms_plugin.fake_kms.profiles import AWS, EmulationProfile, RotationStatusStyle
+from fake_kms.profiles import AWS, EmulationProfile, RotationStatusStyle
 
 MAGIC = b"FK"
 BLOB_VERSION = 1

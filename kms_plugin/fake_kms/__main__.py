@@ -1,7 +1,0 @@
-"""``python -m kms_plugin.fake_kms``: run the fake KMS in the foreground."""
-
-import sys
-
-from kms_plugin.fake_kms.cli import main
-
-sys.exit(main(sys.argv[1:]))
