@@ -155,3 +155,20 @@ def test_sweep_repairs_become_warning_events_on_the_node(fake_kube: Any, tmp_pat
     (event,) = fake_kube.events(reason="VolumeRepaired", involved_name="edge-node-9")
     assert event["type"] == "Warning" and event["source"]["component"] == "csi-lvm"
     assert "left suspended" in event["message"]
+
+
+@pytest.mark.parametrize("suspended,live,inactive,why", [
+    (True, True, True, "suspended"),       # lvextend killed between suspend and resume
+    (True, True, False, "suspended"),
+    (False, True, True, "inactive table"),  # killed after preloading the new table
+    (False, False, False, "without a table"),
+    (False, True, False, None),
+])
+def test_the_kernel_decides_what_the_sweep_refreshes(
+    suspended: bool, live: bool, inactive: bool, why: str | None,
+) -> None:
+    from edge_common.devmapper import DmInfo
+
+    info = DmInfo("vg0-pvc--a", 0, 0, suspended, live, inactive)
+    found = needs_refresh(record("-wi-a-----", name="pvc-a"), info)  # lvs may say "active"
+    assert (found is None) if why is None else (found is not None and why in found)

@@ -34,6 +34,7 @@ from csi_lvm.server import Driver
 from csi_lvm.volume import TAG_UNFINISHED, parse_id, read_tags
 from edge_common.commands import run
 from edge_common.devmapper import dm_info, dm_name
+from edge_common.log import JsonFormatter
 from edge_common.lvm import Lvm
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
@@ -140,8 +141,7 @@ def rig(kernel_disks: list[str], lvm: Lvm, tmp_path: Path,
     shared = os.environ.get("EDGE_GUEST_RESULTS")
     handler = logging.FileHandler(Path(shared if shared and os.path.isdir(shared) else tmp_path)
                                   / f"faults-{vg}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s "
-                                           "%(__dict__)s"))
+    handler.setFormatter(JsonFormatter())
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     r = Rig(vg, lvm, faults, tmp_path)
