@@ -33,9 +33,13 @@ def make_safe(device: str, size: int) -> None:
     blockdev.zero_head_and_tail(device, size)
 
 
-def finish(lvm: Lvm, ref: LvRef, size: int) -> None:
-    """Make the ACTIVE, unfinished LV ref safe, then drop its ``unfinished`` tag."""
-    make_safe(ref.device_path, size)
+def finish(lvm: Lvm, ref: LvRef, size: int, *, thin: bool = False) -> None:
+    """Make the ACTIVE, unfinished LV ref safe, then drop its ``unfinished`` tag.
+
+    A thin volume needs no wipe: its unprovisioned blocks read as zeros whatever the pool held
+    before, and writing zeros would only allocate pool space."""
+    if not thin:
+        make_safe(ref.device_path, size)
     lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
     log.info("finished a new volume (head and tail wiped, unfinished tag removed)",
              extra={"volume_id": ref.id})
