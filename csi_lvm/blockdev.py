@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 CHUNK = 4 << 20
+ZERO_STEP = 256 << 20  # BLKZEROOUT per call: progress between calls
 MiB = 1 << 20
 _ZEROS = bytes(CHUNK)
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
@@ -61,20 +62,27 @@ def _range_ioctl(fd: int, request: int, start: int, length: int) -> None:
     fcntl.ioctl(fd, request, struct.pack("QQ", start, length))
 
 
-def zero_range(path: str, start: int, length: int) -> None:
-    """Make [start, start+length) read as zeros (BLKZEROOUT, else write zeros)."""
+def zero_range(path: str, start: int, length: int, *,
+               progress: Callable[[int], None] | None = None) -> None:
+    """Make [start, start+length) read as zeros (BLKZEROOUT, else write zeros); progress(n)
+    hears the bytes done so far, every ZERO_STEP."""
     if length <= 0:
         return
     fd = open_for_writing(path)
     try:
-        try:
-            _range_ioctl(fd, BLKZEROOUT, start, length)
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise BlockDeviceError(f"zeroing {path}: {exc}") from exc
-        _write_zeros(fd, start, length)
-        os.fsync(fd)
+        offset, end = start, start + length
+        while offset < end:
+            n = min(ZERO_STEP, end - offset)
+            try:
+                _range_ioctl(fd, BLKZEROOUT, offset, n)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise BlockDeviceError(f"zeroing {path}: {exc}") from exc
+                _write_zeros(fd, offset, n)
+                os.fsync(fd)
+            offset += n
+            if progress is not None:
+                progress(offset - start)
     finally:
         os.close(fd)
 
@@ -83,7 +91,7 @@ def _write_zeros(fd: int, start: int, length: int) -> None:
     offset, end = start, start + length
     while offset < end:
         n = min(CHUNK, end - offset)
-        written = os.pwrite(fd, _ZEROS[:n], offset)
+        written = os.pwrite(fd, _ZEROS if n == CHUNK else _ZEROS[:n], offset)
         if written <= 0:
             raise BlockDeviceError("short write while zeroing")
         offset += written
@@ -136,7 +144,7 @@ def copy(
                 data = os.pread(sfd, n, offset)
                 if len(data) != n:
                     raise BlockDeviceError(f"short read from {src} at {offset}")
-                if not (skip_zero_chunks and data == _ZEROS[:n]):
+                if not (skip_zero_chunks and data == (_ZEROS if n == CHUNK else _ZEROS[:n])):
                     view = memoryview(data)
                     done = 0
                     while done < n:

@@ -13,8 +13,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -22,31 +23,95 @@ from prometheus_client.registry import Collector
 from csi_lvm.volume import TAG_OVERPROVISION
 from edge_common.lvm import LogicalVolume, Lvm, LvmError, LvmReport, VolumeGroup
 
+if TYPE_CHECKING:
+    from csi_lvm.config import CsiConfig
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class PoolThresholds:
+    """Usage (percent) from which a thin pool counts as full: see pool_problems()."""
+
+    data_percent: float = 90.0
+    metadata_percent: float = 80.0
+
+    @classmethod
+    def of(cls, config: CsiConfig) -> PoolThresholds:
+        return cls(config.thin_pool_data_threshold_percent,
+                   config.thin_pool_metadata_threshold_percent)
+
+
+#: What LVM's health character of a thin pool means (lv_attr bit 9).
+_POOL_HEALTH = {
+    "D": "out of data space",
+    "M": "metadata read-only",
+    "F": "failed",
+}
+
+
+def pool_problems(pool: LogicalVolume, thresholds: PoolThresholds) -> list[str]:
+    """Why this thin pool counts as full or broken (empty: it is fine).
+
+    LVM's own health flag comes first (a full pool answers writes with errors); usage at or
+    above a threshold is reported before that happens."""
+    problems = []
+    if pool.attr.health in _POOL_HEALTH:
+        problems.append(_POOL_HEALTH[pool.attr.health])
+    data, meta = pool.data_percent, pool.metadata_percent
+    if data is not None and data >= thresholds.data_percent:
+        problems.append(f"data {data:g}% used (threshold {thresholds.data_percent:g}%)")
+    if meta is not None and meta >= thresholds.metadata_percent:
+        problems.append(f"metadata {meta:g}% used (threshold {thresholds.metadata_percent:g}%)")
+    return problems
+
+
+@dataclass(frozen=True)
 class ThinPoolSpace:
+    """A thin pool's room for thin volumes (TopoLVM's rule): pool size x overprovision ratio
+    minus the virtual sizes already handed out; nothing while the pool is past a threshold."""
+
     pool: LogicalVolume
     ratio: float
+    virtual_used: int  # sum of the virtual sizes of every thin LV in the pool
+    problems: tuple[str, ...] = ()
 
     @property
-    def physical_free(self) -> int:
-        used = (self.pool.data_percent or 0.0) / 100.0
-        return max(0, int(self.pool.size * (1.0 - used)))
+    def capacity(self) -> int:
+        """Virtual bytes the pool may promise in all: pool size x ratio."""
+        return int(self.pool.size * self.ratio)
+
+    @property
+    def full(self) -> bool:
+        return bool(self.problems)
 
     @property
     def available(self) -> int:
-        """Pool free bytes x overprovision ratio (what GetCapacity reports)."""
-        return int(self.physical_free * self.ratio)
+        """Virtual bytes still to be promised (GetCapacity and maximum_volume_size)."""
+        if self.full:
+            return 0
+        return max(0, self.capacity - self.virtual_used)
 
     @property
     def maximum(self) -> int:
-        """The largest thin volume the pool accepts at all (OUT_OF_RANGE above it)."""
-        return int(self.pool.size * self.ratio)
+        """The largest new thin volume (or growth of one) the pool accepts now."""
+        return self.available
+
+    def refusal(self, growth: int) -> str | None:
+        """Why `growth` more virtual bytes are refused (None: they fit)."""
+        name = f"{self.pool.vg_name}/{self.pool.name}"
+        if self.full:
+            return f"thin pool {name} is full: {'; '.join(self.problems)}"
+        if growth > self.available:
+            return (f"thin pool {name} has room for {self.available} more bytes ({self.pool.size}"
+                    f" bytes x overprovision ratio {self.ratio:g} - {self.virtual_used} bytes "
+                    f"already given to thin volumes); {growth} needed")
+        return None
 
 
 def pool_ratio(pool: LogicalVolume, default: float) -> float:
+    """The overprovision ratio the pool carries (its tag, as LVM reported it just now), or
+    `default` when it carries none (or only unreadable ones)."""
     for tag in pool.tags:
         if tag.startswith(TAG_OVERPROVISION):
             try:
@@ -58,6 +123,30 @@ def pool_ratio(pool: LogicalVolume, default: float) -> float:
     return default
 
 
+def pool_space(report: LvmReport, vg: str, pool: str, default_ratio: float,
+               thresholds: PoolThresholds) -> ThinPoolSpace | None:
+    """The accounting of thin pool vg/pool from one report (None: no such thin pool)."""
+    lv = _find_lv(report, vg, pool)
+    if lv is None or not lv.is_thin_pool:
+        return None
+    used = sum(t.size for t in report.lvs
+               if t.vg_name == vg and t.pool_lv == pool and t.is_thin)
+    return ThinPoolSpace(lv, pool_ratio(lv, default_ratio), used,
+                         tuple(pool_problems(lv, thresholds)))
+
+
+def thin_refusal(report: LvmReport, vg: str, pool: str, size: int, replacing: str,
+                 default_ratio: float, thresholds: PoolThresholds) -> str | None:
+    """Why thin pool vg/pool cannot take a thin LV of `size` virtual bytes in place of its
+    LV `replacing` (if it has one: a grown or re-created volume counts once); None: it can."""
+    space = pool_space(report, vg, pool, default_ratio, thresholds)
+    if space is None:
+        return f"thin pool {vg}/{pool} does not exist"
+    old = next((lv.size for lv in report.lvs if replacing and lv.name == replacing
+                and lv.vg_name == vg and lv.pool_lv == pool), 0)
+    return space.refusal(size - old)
+
+
 def max_striped_size(report: LvmReport, vg: VolumeGroup, stripes: int) -> int:
     """The largest striped LV: `stripes` PVs each giving as much as the stripes-th freest has."""
     frees = sorted((pv.free for pv in report.pvs_of(vg.name)), reverse=True)
@@ -67,10 +156,15 @@ def max_striped_size(report: LvmReport, vg: VolumeGroup, stripes: int) -> int:
 
 
 class CapacityCache:
-    def __init__(self, lvm: Lvm, refresh_seconds: float, default_ratio: float) -> None:
+    def __init__(self, lvm: Lvm, refresh_seconds: float, default_ratio: float,
+                 thresholds: PoolThresholds | None = None, recheck_seconds: float = 2.0) -> None:
         self._lvm = lvm
         self._refresh_seconds = refresh_seconds
         self.default_ratio = default_ratio
+        self.thresholds = thresholds or PoolThresholds()
+        self._recheck_seconds = recheck_seconds
+        self._rechecked = -math.inf  # when a miss last made us re-read LVM
+        self._listeners: list[Callable[[LvmReport], None]] = []
         self._report: LvmReport | None = None
         self._taken = 0.0
         self._generation = 0  # bumped by invalidate()
@@ -107,7 +201,20 @@ class CapacityCache:
         with self._state:
             self._generation += 1
 
+    def on_refresh(self, listener: Callable[[LvmReport], None]) -> None:
+        """Call listener(report) after every successful refresh (pool watch, events)."""
+        self._listeners.append(listener)
+
     def refresh(self) -> LvmReport:
+        report = self._refresh()
+        for listener in self._listeners:
+            try:
+                listener(report)
+            except Exception:  # a listener must never break capacity answers
+                log.exception("capacity listener failed")
+        return report
+
+    def _refresh(self) -> LvmReport:
         with self._lock:
             with self._state:
                 generation = self._generation
@@ -134,23 +241,42 @@ class CapacityCache:
             return self.refresh()
         return report
 
+    def recent(self, max_age: float) -> LvmReport | None:
+        """The last report when it was read from LVM within max_age seconds (else None)."""
+        with self._state:
+            if self._report is None or time.monotonic() - self._taken > max_age:
+                return None
+            return self._report
+
     def cached(self) -> LvmReport | None:
         with self._state:
             return self._report
 
+    def _after_miss(self) -> LvmReport:
+        """A report read from LVM now, unless a miss already did that within the recheck
+        period: something the node agent just built is found at once, while requests for
+        something absent cost at most one lvm call per period."""
+        with self._state:
+            now = time.monotonic()
+            due = now - self._rechecked >= self._recheck_seconds
+            if due:
+                self._rechecked = now
+        return self.refresh() if due else self.report(fresh=True)
+
     def vg(self, name: str, *, fresh: bool = False) -> VolumeGroup | None:
         found = self.report(fresh=fresh).vg(name)
-        if found is None and not fresh:
-            found = self.report(fresh=True).vg(name)  # created since the last refresh?
+        if found is None:
+            found = self._after_miss().vg(name)  # created since the last refresh?
         return found
 
     def thin_pool(self, vg: str, pool: str, *, fresh: bool = False) -> ThinPoolSpace | None:
-        lv = _find_lv(self.report(fresh=fresh), vg, pool)
-        if lv is None and not fresh:
-            lv = _find_lv(self.report(fresh=True), vg, pool)
-        if lv is None or not lv.is_thin_pool:
-            return None
-        return ThinPoolSpace(lv, pool_ratio(lv, self.default_ratio))
+        """The pool's accounting (ratio from its own tag, thin LVs summed, thresholds)."""
+        space = pool_space(self.report(fresh=fresh), vg, pool, self.default_ratio,
+                           self.thresholds)
+        if space is None:
+            space = pool_space(self._after_miss(), vg, pool, self.default_ratio,
+                               self.thresholds)
+        return space
 
 
 def _find_lv(report: LvmReport, vg: str, name: str) -> LogicalVolume | None:
@@ -173,6 +299,18 @@ class LvmCollector(Collector):
                                  labels=["vg", "pool"])
         meta = GaugeMetricFamily("csi_lvm_thin_pool_metadata_percent",
                                  "Thin pool metadata usage", labels=["vg", "pool"])
+        virtual = GaugeMetricFamily(
+            "csi_lvm_thin_pool_virtual_bytes",
+            "Virtual sizes handed out to thin volumes of the pool", labels=["vg", "pool"])
+        available = GaugeMetricFamily(
+            "csi_lvm_thin_pool_available_bytes",
+            "Room for thin volumes: pool size x overprovision ratio - virtual bytes handed out "
+            "(0 while the pool is past a threshold)", labels=["vg", "pool"])
+        full = GaugeMetricFamily(
+            "csi_lvm_thin_pool_over_threshold",
+            "1 while the thin pool is past its data or metadata threshold (or LVM reports it "
+            "out of space): its volumes are abnormal and GetCapacity reports 0",
+            labels=["vg", "pool"])
         if report is not None:
             for vg in report.vgs:
                 if self._vgs is not None and vg.name not in self._vgs:
@@ -186,4 +324,10 @@ class LvmCollector(Collector):
                     data.add_metric([lv.vg_name, lv.name], lv.data_percent)
                 if lv.metadata_percent is not None:
                     meta.add_metric([lv.vg_name, lv.name], lv.metadata_percent)
-        yield from (size, free, data, meta)
+                space = pool_space(report, lv.vg_name, lv.name, self._cache.default_ratio,
+                                   self._cache.thresholds)
+                if space is not None:
+                    virtual.add_metric([lv.vg_name, lv.name], space.virtual_used)
+                    available.add_metric([lv.vg_name, lv.name], space.available)
+                    full.add_metric([lv.vg_name, lv.name], 1 if space.full else 0)
+        yield from (size, free, data, meta, virtual, available, full)

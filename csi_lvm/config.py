@@ -66,8 +66,9 @@ class CsiConfig:
         metavar="VG",
     )
     allowed_vgs: list[str] = option(
-        [], help="volume groups a StorageClass may name (comma-separated); empty: the default "
-        "VG and any other VG that exists", metavar="VG,...",
+        [], help="volume groups a StorageClass may name besides default_vg (comma-separated); "
+        "empty: the default VG only (never any other VG of the host, the OS's included)",
+        metavar="VG,...",
     )
     default_thin_pool: str = option(
         "", help="thin pool used by lvmType thin when a StorageClass names none (thinPool)",
@@ -95,8 +96,25 @@ class CsiConfig:
         "(our own changes invalidate it at once)", metavar="SECONDS",
     )
     thin_overprovision_ratio: float = option(
-        1.0, help="GetCapacity for a thin pool = pool free bytes x this ratio (a pool tag "
-        "csi-lvm.edge.io/overprovision=<ratio> overrides it per pool)", metavar="RATIO",
+        1.0, help="overprovision ratio of a thin pool that carries no csi-lvm.edge.io/"
+        "overprovision=<ratio> tag: room for thin volumes = pool size x ratio - the virtual "
+        "sizes already handed out (the pool's tag, as LVM reports it, always wins)",
+        metavar="RATIO",
+    )
+    thin_pool_data_threshold_percent: float = option(
+        90.0, help="a thin pool whose data usage reaches this percent is reported: its thin "
+        "volumes get an abnormal VolumeCondition, GetCapacity reports 0 for it, new and grown "
+        "thin volumes are RESOURCE_EXHAUSTED, a Warning is logged and counted", metavar="PERCENT",
+    )
+    thin_pool_metadata_threshold_percent: float = option(
+        80.0, help="the same for the thin pool's metadata usage (a pool out of metadata turns "
+        "read-only)", metavar="PERCENT",
+    )
+    vg_recheck_seconds: float = option(
+        2.0, help="a volume group or thin pool missing from the capacity cache is looked up "
+        "again in LVM at most this often (so a VG the node agent just built is usable within "
+        "seconds, and a flood of requests for an absent one costs one lvm call per period)",
+        metavar="SECONDS",
     )
     default_volume_size: int = option(
         GIB, help="bytes given to a volume whose request has no capacity range",
@@ -112,9 +130,32 @@ class CsiConfig:
         100, help="copy-on-write space of a thick snapshot, in percent of its origin, when the "
         "VolumeSnapshotClass has no snapshotSize", metavar="PERCENT",
     )
+    max_data_jobs: int = option(
+        2, help="thick clones, restores and full wipes running at once (more queue); they run "
+        "outside the gRPC workers", metavar="N",
+    )
+    data_job_wait_seconds: float = option(
+        10.0, help="how long CreateVolume waits for its copy or full wipe before answering "
+        "ABORTED (pending) and letting it finish in the background; retries answer ABORTED with "
+        "the progress until it is done", metavar="SECONDS",
+    )
     clone_via_snapshot: bool = option(
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
         "consistent while the source is in use",
+    )
+    kube_events: bool = option(
+        True, help="post Events (thin pool past/below its threshold) on this Node through the "
+        "Kubernetes API when running in a cluster or given kubeconfig; otherwise they are "
+        "logged only",
+    )
+    kubeconfig: str = option(
+        "", help="kubeconfig for Events (and, in mode controller, for reading what the nodes "
+        "publish); empty: the pod's service account when in a cluster", metavar="FILE",
+    )
+    storage_capacity_namespace: str = option(
+        "kube-system", help="mode controller: namespace of the CSIStorageCapacity objects "
+        "external-provisioner publishes; ControllerExpandVolume refuses growth beyond what the "
+        "volume's node publishes there", metavar="NAMESPACE",
     )
     advertise_get_snapshot: bool = option(
         False, help="advertise the alpha GET_SNAPSHOT controller capability (CSI 1.12; the "
@@ -131,14 +172,6 @@ class CsiConfig:
     metrics_address: str = option(
         "", help="host:port for /metrics, /healthz and /readyz; empty: disabled",
         metavar="HOST:PORT",
-    )
-    node_events: bool = option(
-        False, help="post Kubernetes Events on this node (node_id) when the start-up sweep "
-        "repairs a volume (in-cluster service account, or --kubeconfig)",
-    )
-    kubeconfig: str = option(
-        "", help="kubeconfig file for --node-events; empty: in-cluster service account",
-        metavar="FILE",
     )
     log_level: str = option("INFO", help="log level", metavar="LEVEL")
     log_json: bool = option(True, help="JSON log lines (off: human-readable)")
@@ -158,6 +191,16 @@ class CsiConfig:
             raise ValueError("default_volume_size must be positive")
         if not 1 <= self.thick_snapshot_percent <= 100:
             raise ValueError("thick_snapshot_percent must be between 1 and 100")
+        for what, percent in (("thin_pool_data_threshold_percent",
+                               self.thin_pool_data_threshold_percent),
+                              ("thin_pool_metadata_threshold_percent",
+                               self.thin_pool_metadata_threshold_percent)):
+            if not 0 < percent <= 100:
+                raise ValueError(f"{what} must be above 0 and at most 100")
+        if self.max_data_jobs < 1 or self.data_job_wait_seconds < 0:
+            raise ValueError("max_data_jobs must be at least 1, data_job_wait_seconds >= 0")
+        if self.vg_recheck_seconds < 0:
+            raise ValueError("vg_recheck_seconds must not be negative")
         if self.capacity_refresh_seconds <= 0 or self.lvm_timeout_seconds <= 0:
             raise ValueError("capacity_refresh_seconds and lvm_timeout_seconds must be positive")
 
@@ -173,7 +216,8 @@ class CsiConfig:
         return out
 
     def vg_allowed(self, vg: str) -> bool:
-        return not self.allowed_vgs or vg == self.default_vg or vg in self.allowed_vgs
+        """Only the default VG and the listed ones: with no list, the default VG alone."""
+        return vg == self.default_vg or vg in self.allowed_vgs
 
 
 def topology_key(driver_name: str) -> str:

@@ -38,10 +38,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_lvm import blockdev, finish, inuse
 from csi_lvm.capabilities import capability_error, is_block
-from csi_lvm.capacity import CapacityCache, ThinPoolSpace, max_striped_size
+from csi_lvm.capacity import (
+    CapacityCache,
+    PoolThresholds,
+    ThinPoolSpace,
+    max_striped_size,
+    pool_problems,
+    thin_refusal,
+)
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
 from csi_lvm.facts import snapshot_is_real
-from csi_lvm.locks import InFlight
+from csi_lvm.jobs import Jobs, Progress
+from csi_lvm.locks import Held, InFlight, thin_pool_key
 from csi_lvm.params import (
     P_WIPE,
     LvmType,
@@ -54,11 +62,15 @@ from csi_lvm.params import (
     round_up,
     size_fits,
 )
+from csi_lvm.published import PublishedCapacity
 from csi_lvm.volume import (
     KIND_SNAPSHOT,
     KIND_TEMPORARY,
     KIND_VOLUME,
+    PLAIN_CONTEXT_KEYS,
+    TAG_KIND,
     TAG_PENDING,
+    TAG_PLAIN_DELETE,
     TAG_UNFINISHED,
     InvalidId,
     LvRef,
@@ -193,15 +205,20 @@ def _timestamp(seconds: int | None) -> Timestamp:
     return ts
 
 
-def lv_condition(lv: LogicalVolume, pool: LogicalVolume | None = None) -> tuple[bool, str]:
-    """(abnormal, message) from what LVM reports about the LV (and its thin pool)."""
+def lv_condition(lv: LogicalVolume, pool: LogicalVolume | None = None,
+                 thresholds: PoolThresholds | None = None) -> tuple[bool, str]:
+    """(abnormal, message) from what LVM reports about the LV and, for a thin volume, its
+    pool: a pool past a threshold makes every volume in it abnormal (writes may fail)."""
     problems = []
     if lv.attr.health in _HEALTH:
         problems.append(_HEALTH[lv.attr.health])
     if lv.attr.invalid_snapshot:
         problems.append("invalid snapshot (its copy-on-write space overflowed)")
-    if pool is not None and pool.attr.health in _HEALTH:
-        problems.append(f"thin pool {pool.name}: {_HEALTH[pool.attr.health]}")
+    if pool is not None:
+        pool_issues = pool_problems(pool, thresholds or PoolThresholds())
+        if pool_issues:
+            problems.append(f"thin pool {pool.vg_name}/{pool.name}: {'; '.join(pool_issues)}"
+                            " (writes may fail)")
     if problems:
         return True, "; ".join(problems)
     return False, "volume is healthy"
@@ -240,13 +257,17 @@ class Plan:
 
 class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
-                 locks: InFlight | None = None) -> None:
+                 locks: InFlight | None = None,
+                 published: PublishedCapacity | None = None, jobs: Jobs | None = None) -> None:
         self.cfg = config
+        self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds)
+        self.published = published  # mode controller: what the nodes publish
         self._lvm = lvm
         self._cache = cache
         self.locks = locks or InFlight()
         self.owner = owner_tag(config.driver_name)
         self.segments = {config.topology_key: config.node_id}
+        self.thresholds = PoolThresholds.of(config)
         # Data operations (zeroing, copying, COW snapshots) need device-mapper.
         self.live = lvm is not None and not lvm.settings.activation_disabled
         # CSI names are global to the driver, not per VG: LV names this process created, by
@@ -296,9 +317,16 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return lv, own
 
     def _owned_lvs(self) -> list[tuple[LogicalVolume, Ownership]]:
+        return self._owned_lvs_and_pools()[0]
+
+    def _owned_lvs_and_pools(self) -> tuple[list[tuple[LogicalVolume, Ownership]],
+                                            dict[tuple[str, str], LogicalVolume]]:
+        """Our LVs, and every thin pool by (vg, name), from one lvm call."""
         with lvm_errors("listing volumes"):
-            lvs = self.lvm.lvs(tag=self.owner)
-        return [(lv, read_tags(lv.tags, self.cfg.driver_name)) for lv in lvs]
+            lvs = self.lvm.lvs()
+        pools = {(lv.vg_name, lv.name): lv for lv in lvs if lv.is_thin_pool}
+        return ([(lv, read_tags(lv.tags, self.cfg.driver_name)) for lv in lvs
+                 if self.owner in lv.tags], pools)
 
     def _remove(self, ref: LvRef, doing: str) -> None:
         try:
@@ -352,13 +380,31 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return None
 
     def _pool_of(self, lv: LogicalVolume) -> LogicalVolume | None:
-        if not lv.pool_lv or self._cache is None:
+        """The thin pool of a thin volume, as LVM reports it now (a cached report would call a
+        pool healthy for up to a refresh period after it filled up)."""
+        if not lv.pool_lv:
             return None
-        report = self._cache.cached()
-        if report is None:
-            return None
-        return next((p for p in report.lvs if p.vg_name == lv.vg_name and p.name == lv.pool_lv),
-                    None)
+        with lvm_errors(f"reading thin pool {lv.vg_name}/{lv.pool_lv}"):
+            return self.lvm.get_lv(lv.vg_name, lv.pool_lv)
+
+    def _condition(self, lv: LogicalVolume, pool: LogicalVolume | None) -> tuple[bool, str]:
+        return lv_condition(lv, pool, self.thresholds)
+
+    @contextlib.contextmanager
+    def _thin_room(self, vg: str, pool: str, size: int, replacing: str = "") -> Iterator[None]:
+        """Hold the pool's mutex, read the pool from LVM now (its overprovision tag, usage and
+        thin LVs), and refuse a thin LV of `size` virtual bytes (in place of the pool's LV
+        `replacing`, if it has one) when it does not fit: two requests can never both take
+        the last room of a pool."""
+        with self.locks.serial(thin_pool_key(vg, pool)):
+            with lvm_errors(f"reading thin pool {vg}/{pool}"):
+                report = self.cache.refresh()
+            refusal = thin_refusal(report, vg, pool, size, replacing, self.cache.default_ratio,
+                                   self.thresholds)
+            if refusal is not None:
+                raise ResourceExhausted(f"{refusal} on node {self.cfg.node_id}; another node "
+                                        "may have room")
+            yield
 
     def _volume_msg(self, ref: LvRef, lv: LogicalVolume, own: Ownership) -> csi_pb2.Volume:
         vol = csi_pb2.Volume(
@@ -434,8 +480,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if not source_id:
                 raise InvalidArgument(f"volume_content_source: the {source_kind} id is empty")
         if not self.cfg.vg_allowed(params.vg):
-            raise InvalidArgument(f"volume group {params.vg!r} is not allowed by this driver's "
-                                  "configuration (allowed_vgs)")
+            raise InvalidArgument(
+                f"volume group {params.vg!r} is not allowed on node {self.cfg.node_id}: this "
+                f"driver uses only its default VG {self.cfg.default_vg!r} and the VGs listed in "
+                "the option allowed_vgs (--allowed-vgs / CSI_LVM_ALLOWED_VGS); add it there to "
+                "use it")
         req = request.accessibility_requirements
         if req.requisite and not any(self._is_here(t) for t in req.requisite):
             raise ResourceExhausted(
@@ -446,20 +495,25 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv_name = volume_lv_name(name)
         ref = LvRef(params.vg, lv_name)
         shared = [f"lv:{source_id}"] if source_id else []
-        with log_context(volume_id=ref.id, volume_name=name), \
-                self.locks.hold(f"volume-name:{name}", f"lv:{ref.id}", shared=shared):
+        self.jobs.check(ref.id, "create")  # its copy still running: ABORTED, never a second
+        # The keys go to the background job when the fill outlasts this call (it releases
+        # them when it ends); else they are released here.
+        held = self.locks.take(f"volume-name:{name}", f"lv:{ref.id}", shared=shared)
+        with held.scope(), log_context(volume_id=ref.id, volume_name=name):
             elsewhere = self._elsewhere(ref, KIND_VOLUME, name)
             if elsewhere is not None:
                 raise AlreadyExists(
                     f"volume {name!r} already exists in volume group {elsewhere.vg} "
                     f"({elsewhere.id}); a name identifies one volume across all of this "
                     f"driver's volume groups, not {params.vg!r} too")
-            vol = self._create_volume(request, name, ref, params, caps, required, limit,
-                                      source_kind, source_id)
             self._remember(ref)
+            with contextlib.ExitStack() as stack:
+                vol = self._create_volume(stack, held, request, name, ref, params, caps,
+                                          required, limit, source_kind, source_id)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
-    def _create_volume(self, request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
+    def _create_volume(self, stack: contextlib.ExitStack, held: Held,
+                       request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
                        params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
                        required: int, limit: int, source_kind: str, source_id: str,
                        ) -> csi_pb2.Volume:
@@ -492,21 +546,19 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
             if params.lvm_type is LvmType.THIN:
                 assert params.thin_pool is not None
-                with lvm_errors("reading the thin pool"):
-                    pool = self.cache.thin_pool(vg.name, params.thin_pool)
-                if pool is None:
-                    raise ResourceExhausted(
-                        f"thin pool {vg.name}/{params.thin_pool} does not exist on node "
-                        f"{self.cfg.node_id}")
-                if size > pool.maximum:
-                    raise OutOfRange(f"{size} bytes exceed the largest volume thin pool "
-                                     f"{params.thin_pool} accepts ({pool.maximum} bytes)")
+                # The caller holds the pool's mutex (CreateVolume): this reading stays true
+                # until our lvcreate has run.
+                stack.enter_context(
+                    self._thin_room(vg.name, params.thin_pool, size, replacing=ref.lv))
+                pool = self.cache.thin_pool(vg.name, params.thin_pool)
             else:
                 largest = vg.size if stripes is None else max_striped_size_total(
                     report, vg.name, stripes)
                 if size > largest:
-                    raise OutOfRange(f"{size} bytes exceed the largest volume volume group "
-                                     f"{vg.name} can hold ({largest} bytes)")
+                    raise ResourceExhausted(
+                        f"{size} bytes exceed the largest volume volume group {vg.name} can "
+                        f"hold on node {self.cfg.node_id} ({largest} bytes); another node may "
+                        "have room")
         except (OutOfRange, ResourceExhausted):
             # A volume of this name that exists already answers first: a capacity the VG
             # could never hold is still ALREADY_EXISTS (or the volume itself) for it.
@@ -526,23 +578,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if vol is not None:
                     return vol
                 self._discard_pending(ref, source)
-        if pool is not None and size > pool.available:
-            with lvm_errors("reading the thin pool"):
-                pool = self.cache.thin_pool(vg.name, params.thin_pool or "", fresh=True)
-            if pool is None or size > pool.available:
-                found = None if plan.pending else self._get(ref)
-                if found is not None:  # a retry of a create that filled the pool
-                    vol = self._existing(ref, found, name, required, limit, ctx, source_tag)
-                    if vol is not None:
-                        return vol
-                raise ResourceExhausted(
-                    f"thin pool {vg.name}/{params.thin_pool} has room for "
-                    f"{pool.available if pool else 0} bytes (free x overprovision ratio), "
-                    f"{size} requested")
-
         tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
                           created=int(time.time()), size=size, source=source_tag, context=ctx,
                           pending=plan.pending)
+        if set(ctx) <= PLAIN_CONTEXT_KEYS:  # no wipe on delete, nothing else to undo
+            tags.append(TAG_PLAIN_DELETE)
         for attempt in (1, 2):
             try:
                 self._make_lv(ref, size, params, stripes, tags, plan, source)
@@ -559,23 +599,36 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 return vol
             self._discard_pending(ref, source)
         self.cache.invalidate()
+        stack.close()  # the new LV is in the pool's accounting now: the next create may read it
         log.info("volume created", extra={"size": size, "lvm_type": params.lvm_type.value,
                                           "method": plan.method})
-        try:
-            self._populate(ref, size, plan, source, pool is not None)
-        except BaseException:
-            log.exception("filling the new volume failed; removing it")
+
+        def fill(progress: Progress | None = None) -> None:
+            self._populate(ref, size, plan, source, pool is not None, progress)
+            if plan.pending and self.live:
+                # Filled (copied or zeroed whole) by the driver itself: finished in the same
+                # lvchange that ends `pending`. Plain volumes are finished by their first use.
+                with lvm_errors(f"finishing {ref}"):
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING, TAG_UNFINISHED])
+            elif plan.pending:
+                with lvm_errors(f"finishing {ref}"):
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+
+        def discard() -> None:
+            log.warning("filling the new volume failed; removing it")
             with contextlib.suppress(Exception):
                 self._discard_pending(ref, source)
-            raise
-        if plan.pending and self.live:
-            # Filled (copied or zeroed whole) by the driver itself: finished in the same
-            # lvchange that ends `pending`. Plain volumes are finished by their first use.
-            with lvm_errors(f"finishing {ref}"):
-                self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING, TAG_UNFINISHED])
-        elif plan.pending:
-            with lvm_errors(f"finishing {ref}"):
-                self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+
+        if self.live and (plan.method == "copy" or plan.wipe == "full"):
+            # Minutes for a large volume: a background job, not this gRPC worker.
+            self.jobs.run(ref.id, "create", "copy" if plan.method == "copy" else "wipe", size, fill,
+                          held, on_failure=discard)
+        else:
+            try:
+                fill()
+            except BaseException:
+                discard()
+                raise
         vol = csi_pb2.Volume(volume_id=ref.id, capacity_bytes=size, volume_context=ctx,
                              accessible_topology=self._topology())
         if request.HasField("volume_content_source"):
@@ -683,7 +736,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                           stripe_size=params.stripe_size, thin_pool=params.thin_pool)
 
     def _populate(self, ref: LvRef, size: int, plan: Plan, source: Source | None,
-                  thin: bool) -> None:
+                  thin: bool, progress: Progress | None = None) -> None:
         if not self.live:
             if plan.wipe or plan.method != "plain":
                 log.info("no device-mapper: the LV is inactive and cannot be written here")
@@ -696,46 +749,93 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         blockdev.wait_for_device(path)
         if plan.method == "copy":
             assert source is not None
-            self._copy_from(source, ref, size, thin)
+            self._copy_from(source, ref, size, thin, progress)
         elif plan.wipe == "full":
-            blockdev.zero_range(path, 0, size)
+            blockdev.zero_range(path, 0, size, progress=progress)
         elif plan.wipe == "header":
             blockdev.zero_head_and_tail(path, size)
 
-    def _copy_from(self, source: Source, target: LvRef, size: int, thin_target: bool) -> None:
-        length = source.size
-        read_ref = source.ref
-        temporary: LvRef | None = None
-        if source.kind == KIND_VOLUME and (source.lv.is_thin or self.cfg.clone_via_snapshot):
-            # A snapshot gives a consistent image while the source stays in use.
-            temporary = LvRef(source.ref.vg, temporary_lv_name(target.lv))
-            cow: int | None = None
-            if not source.lv.is_thin:
-                vg = self.cache.vg(source.ref.vg)
-                extent = vg.extent_size if vg else 4 << 20
-                cow = round_up(min(max(source.lv.size // 10, 64 << 20), source.lv.size), extent)
+    def _copy_from(self, source: Source, target: LvRef, size: int, thin_target: bool,
+                   progress: Progress | None = None) -> None:
+        if not (source.kind == KIND_VOLUME
+                and (source.lv.is_thin or self.cfg.clone_via_snapshot)):
+            # A snapshot is read as it is; a volume without a snapshot as it is now.
+            self._copy_image(source, source.ref, target, size, thin_target, progress,
+                             activate=not source.lv.is_active)
+            return
+        # A snapshot gives a consistent image while the source stays in use. A thick one gets
+        # a copy-on-write area as large as the source (nothing the origin writes can overflow
+        # it) when the VG has the room; a smaller one that overflows is retried larger.
+        cow = None if source.lv.is_thin else self._cow_size(source, 0)
+        temporary = LvRef(source.ref.vg, temporary_lv_name(target.lv))
+        while True:
             tags = build_tags(self.cfg.driver_name, kind=KIND_TEMPORARY,
                               csi_name=f"clone:{target.id}", created=int(time.time()))
             with lvm_errors(f"creating the temporary snapshot {temporary}"):
                 self.lvm.create_snapshot(source.ref.vg, source.ref.lv, temporary.lv,
                                          size_bytes=cow, tags=tags)
             self.cache.invalidate()
-            read_ref = temporary
-        try:
-            # Thin snapshots (ours, or a thin temporary) skip activation; a thick COW
-            # snapshot is active with its origin.
-            thin_read = source.lv.is_thin if temporary is not None else not source.lv.is_active
-            if thin_read:
-                with lvm_errors(f"activating {read_ref}"):
-                    self.lvm.activate(read_ref.vg, read_ref.lv, ignore_skip=True)
-            blockdev.wait_for_device(read_ref.device_path)
-            blockdev.copy(read_ref.device_path, target.device_path, length,
-                          skip_zero_chunks=thin_target)
-            if size > length and not thin_target:
-                blockdev.zero_range(target.device_path, length, size - length)
-        finally:
-            if temporary is not None:
+            overflowed = False
+            try:
+                try:
+                    self._copy_image(source, temporary, target, size, thin_target, progress,
+                                     activate=source.lv.is_thin)
+                except (OSError, blockdev.BlockDeviceError):
+                    overflowed = cow is not None and self._overflowed(temporary)
+                    if not overflowed:
+                        raise
+                else:
+                    overflowed = cow is not None and self._overflowed(temporary)
+            finally:
                 self._remove(temporary, f"removing the temporary snapshot {temporary}")
+            if not overflowed:
+                return
+            assert cow is not None
+            larger = self._cow_size(source, cow)
+            if larger <= cow:
+                raise Unavailable(
+                    f"source volume {source.ref} changed more than its {cow}-byte copy-on-write "
+                    "area holds while it was copied, and its volume group has no room for a "
+                    "larger one; retry when it is less busy")
+            log.warning("the source changed faster than the copy-on-write area held; copying "
+                        "again with a larger one", extra={"cow_bytes": cow, "next": larger})
+            if thin_target and not blockdev.discard(target.device_path, size):
+                # The next copy skips zero chunks: the target must read as zeros again.
+                blockdev.zero_range(target.device_path, 0, size)
+            cow = larger
+
+    def _cow_size(self, source: Source, tried: int) -> int:
+        """COW bytes for a temporary snapshot of a thick source: its size plus an extent of
+        exception metadata (it can then never overflow), else 4x what overflowed, else what
+        the VG has free."""
+        with lvm_errors("reading the volume group"):
+            vg = self.cache.vg(source.ref.vg, fresh=True)
+        extent = vg.extent_size if vg else 4 << 20
+        full = round_up(source.lv.size + extent, extent)
+        wanted = full if not tried else min(full, 4 * tried)
+        free = vg.free if vg else wanted
+        return max(extent, min(wanted, free // extent * extent))
+
+    def _overflowed(self, snapshot: LvRef) -> bool:
+        with lvm_errors(f"reading the temporary snapshot {snapshot}"):
+            lv = self.lvm.get_lv(snapshot.vg, snapshot.lv)
+        return lv is not None and (lv.attr.invalid_snapshot or (lv.data_percent or 0) >= 100)
+
+    def _copy_image(self, source: Source, read_ref: LvRef, target: LvRef, size: int,
+                    thin_target: bool, progress: Progress | None, *, activate: bool) -> None:
+        # Thin snapshots (ours, or a thin temporary) skip activation; a thick COW snapshot
+        # is active with its origin.
+        if activate:
+            with lvm_errors(f"activating {read_ref}"):
+                self.lvm.activate(read_ref.vg, read_ref.lv, ignore_skip=True)
+        blockdev.wait_for_device(read_ref.device_path)
+        length = source.size
+        blockdev.copy(read_ref.device_path, target.device_path, length,
+                      skip_zero_chunks=thin_target, progress=progress)
+        if size > length and not thin_target:
+            blockdev.zero_range(target.device_path, length, size - length)
+        if progress is not None:
+            progress(size)
 
     # ------------------------------------------------------------------ DeleteVolume
 
@@ -748,25 +848,73 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             ref = parse_id(request.volume_id)
         except InvalidId:
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
-        with log_context(volume_id=ref.id), self.locks.hold(f"lv:{ref.id}"):
-            found = self._get(ref)
-            if found is None:
-                return csi_pb2.DeleteVolumeResponse()
-            lv, own = found
-            if not own.owned or own.kind != KIND_VOLUME:
-                log.info("DeleteVolume for an LV this driver does not own: nothing to do")
-                return csi_pb2.DeleteVolumeResponse()
-            if lv.attr.origin:
-                raise ServiceError(
-                    f"volume {ref} has copy-on-write snapshots; delete them first",
-                    grpc.StatusCode.FAILED_PRECONDITION)
-            self._refuse_in_use(ref)
-            wipe = own.context.get(P_WIPE, "none")
-            if wipe != "none" and not own.pending and not own.unfinished:
-                self._wipe(ref, lv, wipe)
-            self._remove(ref, f"removing {ref}")
-            log.info("volume deleted", extra={"wipe": wipe})
+        self.jobs.check(ref.id, "delete")  # its wipe still running in the background: ABORTED
+        held = self.locks.take(f"lv:{ref.id}")
+        with held.scope(), log_context(volume_id=ref.id):
+            self._delete_volume(ref, held)
         return csi_pb2.DeleteVolumeResponse()
+
+    def _delete_volume(self, ref: LvRef, held: Held) -> None:
+        if self._removed_at_once(ref):
+            return
+        found = self._get(ref)
+        if found is None:
+            return
+        lv, own = found
+        if not own.owned or own.kind != KIND_VOLUME:
+            log.info("DeleteVolume for an LV this driver does not own: nothing to do")
+            return
+        if lv.attr.origin:
+            raise ServiceError(
+                f"volume {ref} has copy-on-write snapshots; delete them first",
+                grpc.StatusCode.FAILED_PRECONDITION)
+        self._refuse_in_use(ref)
+        wipe = own.context.get(P_WIPE, "none")
+        wiping = wipe != "none" and not own.pending and not own.unfinished
+
+        def wipe_and_remove(progress: Progress | None = None) -> None:
+            if wiping:
+                self._wipe(ref, lv, wipe, progress)
+            self._remove(ref, f"removing {ref}")
+            log.info("volume deleted", extra={"wipe": wipe if wiping else "none"})
+
+        if self.live and wiping and wipe == "zero" and not lv.is_thin:
+            # Zeroing every extent takes minutes on a large LV: a background job.
+            self.jobs.run(ref.id, "delete", "wipe", lv.size, wipe_and_remove, held)
+        else:
+            wipe_and_remove()
+
+    def _removed_at_once(self, ref: LvRef) -> bool:
+        """Delete at the speed of lvremove: ONE `lvremove --select` that matches only our own
+        plain-delete volume (owner, kind and plain-delete tags; no thick snapshot origin).
+        False sends the caller down the full path (lookup, checks, wipe, lvremove): nothing
+        matched, LVM refused, or the volume may be in use."""
+        if not self._may_remove_at_once(ref):
+            return False
+        tags = [self.owner, TAG_KIND + KIND_VOLUME, TAG_PLAIN_DELETE]
+        try:
+            removed = self.lvm.lvremove_if_tagged(ref.vg, ref.lv, tags)
+        except LvmError as exc:
+            if not _refusal(exc):
+                raise lvm_failure(exc, f"removing {ref}") from exc
+            log.info("one-step removal refused; taking the full path",
+                     extra={"error": exc.message})
+            return False
+        finally:
+            self.cache.invalidate()
+        if removed:
+            self._forget(ref)
+            log.info("volume deleted", extra={"wipe": "none", "path": "one lvremove"})
+        return removed
+
+    def _may_remove_at_once(self, ref: LvRef) -> bool:
+        """The in-use checks, which need no LVM process, decide first: a volume that is open,
+        mounted, published or held (or whose state the kernel does not tell) takes the full
+        path, which refuses it with FAILED_PRECONDITION (or UNAVAILABLE) after the lookup."""
+        try:
+            return not inuse.volume_usage(ref.vg, ref.lv).in_use
+        except (DmError, OSError):
+            return False
 
     def _refuse_in_use(self, ref: LvRef) -> None:
         """FAILED_PRECONDITION (the spec's code for "in use") when the volume is open, mounted,
@@ -779,7 +927,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise FailedPrecondition(f"volume {ref} is in use ({usage.describe()}); unpublish "
                                      "it and stop what uses it, then retry")
 
-    def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str) -> None:
+    def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str,
+              progress: Progress | None = None) -> None:
         if not self.live:
             log.warning("no device-mapper: cannot wipe the data before removal")
             return
@@ -793,7 +942,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if not blockdev.discard(ref.device_path, lv.size) and not lv.is_thin:
                     blockdev.zero_range(ref.device_path, 0, lv.size)
             else:
-                blockdev.zero_range(ref.device_path, 0, lv.size)
+                blockdev.zero_range(ref.device_path, 0, lv.size, progress=progress)
         except blockdev.DeviceBusy as exc:
             raise FailedPrecondition(f"volume {ref} is in use: {exc}") from exc
         except blockdev.BlockDeviceError as exc:
@@ -819,7 +968,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(err)
         block = request.HasField("volume_capability") and is_block(request.volume_capability)
         if self.cfg.mode is Mode.CONTROLLER:
-            # The central instance has no LVM: the node grows the LV and the filesystem.
+            # The central instance has no LVM: the node grows the LV and the filesystem; what
+            # the node publishes bounds the request here already.
+            self._check_published(request.volume_id, required or limit)
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=required or limit, node_expansion_required=True)
         try:
@@ -838,29 +989,47 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             unit = (vg.extent_size if vg else 4 << 20) * max(1, lv.stripes)
             size = choose_size(required or lv.size, limit, unit, lv.size)
             if size > lv.size:
-                if lv.is_thin and lv.pool_lv:
-                    pool = self.cache.thin_pool(ref.vg, lv.pool_lv)
-                    if pool is not None and size > pool.maximum:
-                        raise OutOfRange(f"{size} bytes exceed what thin pool {lv.pool_lv} "
-                                         f"accepts ({pool.maximum} bytes)")
-                elif vg is not None and size - lv.size > vg.size:
-                    raise OutOfRange(f"{size} bytes exceed volume group {vg.name}")
-                try:
-                    self.lvm.lvextend(ref.vg, ref.lv, size)
-                except LvmError as exc:
-                    if lv.attr.origin and not lv.is_thin and _refusal(exc):
-                        raise FailedPrecondition(
-                            f"volume {ref} has copy-on-write snapshots and LVM refuses to grow "
-                            f"it while they exist ({exc.message}); delete its snapshots, "
-                            "then retry the expansion") from exc
-                    raise lvm_failure(exc, f"extending {ref}") from exc
-                finally:
-                    self.cache.invalidate()
+                with contextlib.ExitStack() as stack:
+                    if lv.is_thin and lv.pool_lv:
+                        stack.enter_context(self._thin_room(ref.vg, lv.pool_lv, size,
+                                                            replacing=ref.lv))
+                    elif vg is not None and size - lv.size > vg.size:
+                        raise ResourceExhausted(
+                            f"growing {ref} to {size} bytes needs {size - lv.size} more, more "
+                            f"than volume group {vg.name} holds ({vg.size} bytes)")
+                    self._extend(ref, lv, size)
                 log.info("volume expanded", extra={"size": size})
             else:
                 size = lv.size
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
                                                       node_expansion_required=not block)
+
+    def _check_published(self, volume_id: str, size: int) -> None:
+        if self.published is None:
+            return
+        room = self.published.room(volume_id)
+        growth = size - room.current
+        if room.maximum is None:
+            log.info("no CSIStorageCapacity published for the volume's node: its node decides",
+                     extra={"node": room.node, "storage_class": room.storage_class})
+        elif growth > room.maximum:
+            raise ResourceExhausted(
+                f"growing {volume_id} from {room.current} to {size} bytes needs {growth} more; "
+                f"node {room.node} publishes room for {room.maximum} bytes "
+                f"(CSIStorageCapacity of StorageClass {room.storage_class})")
+
+    def _extend(self, ref: LvRef, lv: LogicalVolume, size: int) -> None:
+        try:
+            self.lvm.lvextend(ref.vg, ref.lv, size)
+        except LvmError as exc:
+            if lv.attr.origin and not lv.is_thin and _refusal(exc):
+                raise FailedPrecondition(
+                    f"volume {ref} has copy-on-write snapshots and LVM refuses to grow "
+                    f"it while they exist ({exc.message}); delete its snapshots, "
+                    "then retry the expansion") from exc
+            raise lvm_failure(exc, f"extending {ref}") from exc
+        finally:
+            self.cache.invalidate()
 
     # ------------------------------------------------------------------ Validate
 
@@ -900,15 +1069,17 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         _ = self.lvm
         if request.starting_token:
             decode_token(request.starting_token)
+        owned, pools = self._owned_lvs_and_pools()
         volumes = {
-            f"{lv.vg_name}/{lv.name}": (lv, own) for lv, own in self._owned_lvs()
+            f"{lv.vg_name}/{lv.name}": (lv, own) for lv, own in owned
             if own.kind == KIND_VOLUME and not own.pending
         }
         page, next_token = _paginate(list(volumes), request.max_entries, request.starting_token)
         entries = []
         for volume_id in page:
             lv, own = volumes[volume_id]
-            abnormal, message = lv_condition(lv, self._pool_of(lv))
+            pool = pools.get((lv.vg_name, lv.pool_lv)) if lv.pool_lv else None
+            abnormal, message = self._condition(lv, pool)
             entries.append(csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume_msg(LvRef(lv.vg_name, lv.name), lv, own),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
@@ -924,7 +1095,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         _ = self.lvm
         found = self._resolve_source(KIND_VOLUME, request.volume_id)
         ref, lv, own = found.ref, found.lv, found.own
-        abnormal, message = lv_condition(lv, self._pool_of(lv))
+        abnormal, message = self._condition(lv, self._pool_of(lv))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume_msg(ref, lv, own),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
@@ -954,17 +1125,22 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not self.cfg.vg_allowed(vg_name):
             return zero
         with lvm_errors("reading capacity"):
+            # A VG or pool missing from the cache is looked up in LVM again (rate-limited):
+            # one the node agent just built is published within seconds.
+            vg = cache.vg(vg_name, fresh=True)
+            pool = cache.thin_pool(vg_name, params.thin_pool or "", fresh=True) \
+                if vg is not None and params is not None and params.lvm_type is LvmType.THIN \
+                else None
             report = cache.report(fresh=True)
-        vg = report.vg(vg_name)
         if vg is None:
             return zero
         resp = csi_pb2.GetCapacityResponse()
         if params is not None and params.lvm_type is LvmType.THIN:
-            pool = cache.thin_pool(vg_name, params.thin_pool or "")
             if pool is None:
                 return zero
+            # Pool size x overprovision ratio - virtual sizes handed out; 0 past a threshold.
             resp.available_capacity = pool.available
-            resp.maximum_volume_size.value = min(pool.available, pool.maximum)
+            resp.maximum_volume_size.value = pool.maximum
         elif params is not None and params.lvm_type is LvmType.STRIPED:
             stripes = params.stripes or len(report.pvs_of(vg_name))
             resp.available_capacity = vg.free if stripes >= 2 else 0
@@ -1037,15 +1213,20 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 extent = vg.extent_size if vg else 4 << 20
                 cow = parse_snapshot_size(request.parameters, origin.size, extent,
                                           self.cfg.thick_snapshot_percent)
-            try:
-                self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
-                # lvcreate answered: it is a complete snapshot. Finished = its facts may be
-                # trusted even once the origin is gone (a thin snapshot outlives it).
-                self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
-            except LvmError as exc:
-                raise lvm_failure(exc, f"creating snapshot {ref}") from exc
-            finally:
-                self.cache.invalidate()
+            with contextlib.ExitStack() as stack:
+                if origin.is_thin and origin.pool_lv:
+                    # A thin snapshot is promised its origin's whole virtual size too.
+                    stack.enter_context(self._thin_room(src.vg, origin.pool_lv, origin.size,
+                                                        replacing=ref.lv))
+                try:
+                    self.lvm.create_snapshot(src.vg, src.lv, ref.lv, size_bytes=cow, tags=tags)
+                    # lvcreate answered: it is a complete snapshot. Finished = its facts may be
+                    # trusted even once the origin is gone (a thin snapshot outlives it).
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
+                except LvmError as exc:
+                    raise lvm_failure(exc, f"creating snapshot {ref}") from exc
+                finally:
+                    self.cache.invalidate()
             self._remember(ref)
             log.info("snapshot created", extra={"thin": cow is None, "cow_bytes": cow})
             snap = csi_pb2.Snapshot(size_bytes=origin.size, snapshot_id=ref.id,

@@ -7,6 +7,7 @@ import logging
 import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
+from csi_lvm.capacity import CapacityCache
 from csi_lvm.config import CsiConfig, Mode
 from edge_common.lvm import Lvm, LvmError
 from edge_common.version import VERSION
@@ -19,9 +20,11 @@ Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
 class Identity(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, config: CsiConfig, lvm: Lvm | None) -> None:
+    def __init__(self, config: CsiConfig, lvm: Lvm | None,
+                 cache: CapacityCache | None = None) -> None:
         self.cfg = config
         self._lvm = lvm
+        self._cache = cache
 
     def GetPluginInfo(self, request: csi_pb2.GetPluginInfoRequest,
                       context: grpc.ServicerContext) -> csi_pb2.GetPluginInfoResponse:
@@ -46,10 +49,17 @@ class Identity(csi_pb2_grpc.IdentityServicer):
         if self.cfg.mode is Mode.CONTROLLER or self._lvm is None:
             return True, "controller-only instance"
         wanted = self.cfg.configured_vgs
-        try:
-            found = {vg.name for vg in self._lvm.vgs()}
-        except LvmError as exc:
-            return False, f"lvm does not answer: {exc.message}"
+        # LVM answered within a refresh period (the capacity cache's last read): that is the
+        # answer, so Probe costs no lvm process and stays prompt on a busy node.
+        report = self._cache.recent(self.cfg.capacity_refresh_seconds) \
+            if self._cache is not None else None
+        if report is not None and all(report.vg(vg) is not None for vg in wanted):
+            found = {vg.name for vg in report.vgs}
+        else:
+            try:
+                found = {vg.name for vg in self._lvm.vgs()}
+            except LvmError as exc:
+                return False, f"lvm does not answer: {exc.message}"
         missing = [vg for vg in wanted if vg not in found]
         if missing:
             return False, f"volume group(s) {', '.join(missing)} missing on this node"

@@ -27,12 +27,14 @@ Spec choices (CSI v1.12), each deliberate:
   missing or inactive LV, or a publish directory with nothing mounted, is reported as an
   abnormal VolumeCondition (with usage when the path still answers).
 - NodeExpandVolume: NOT_FOUND for an unknown volume or a volume_path where the volume is not
-  published; OUT_OF_RANGE when the rounded size exceeds limit_bytes or the VG could never hold
-  it; RESOURCE_EXHAUSTED when the VG lacks free space now.
+  published; OUT_OF_RANGE only when the rounded size exceeds limit_bytes (the request itself);
+  RESOURCE_EXHAUSTED when the VG (or, for a thin volume, its pool's accounted room) cannot
+  hold it, now or ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -47,10 +49,11 @@ import grpc
 from csi_lvm import filesystem
 from csi_lvm.blockdev import BlockDeviceError, DeviceBusy, wait_for_device
 from csi_lvm.capabilities import DEFAULT_FS_TYPE, capability_error, is_block, mode_name
+from csi_lvm.capacity import PoolThresholds, thin_refusal
 from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
 from csi_lvm.finish import finish as finish_volume
-from csi_lvm.locks import InFlight
+from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.mounter import (
     InvalidMountOption,
     MountEntry,
@@ -64,6 +67,7 @@ from csi_lvm.stats import block_device_read_only, block_device_size, filesystem_
 from csi_lvm.volume import (
     TAG_UNFINISHED,
     InvalidId,
+    LvRef,
     VolumeContext,
     parse_id,
     resolve_volume,
@@ -117,6 +121,7 @@ class NodeVolume:
     stripes: int = 1  # an LV grows by whole extents on every stripe
     thin: bool = False  # a thin LV grows without taking VG space
     unfinished: bool = False  # never made safe yet: the first publish finishes it
+    pool: str = ""  # the thin pool of a thin LV
 
 
 class VolumeBackend(Protocol):
@@ -136,9 +141,10 @@ class VolumeBackend(Protocol):
         """Make an active, unfinished volume safe and mark it finished (csi_lvm/finish.py)."""
 
 
-def lv_problem(lv: LogicalVolume) -> str | None:
-    """A health problem LVM reports for the LV (the controller's wording), or None."""
-    abnormal, message = lv_condition(lv)
+def lv_problem(lv: LogicalVolume, pool: LogicalVolume | None = None,
+               thresholds: PoolThresholds | None = None) -> str | None:
+    """A health problem LVM reports for the LV or its thin pool (the controller's wording)."""
+    abnormal, message = lv_condition(lv, pool, thresholds)
     return message if abnormal else None
 
 
@@ -146,10 +152,15 @@ class LvmVolumes:
     """Volumes are the driver's LVs: found by id and ownership tag, activated, extended."""
 
     def __init__(self, lvm: Lvm, driver_name: str,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, *,
+                 thresholds: PoolThresholds | None = None, default_ratio: float = 1.0,
+                 locks: InFlight | None = None) -> None:
         self.lvm = lvm
         self.driver_name = driver_name
         self.on_change = on_change
+        self.thresholds = thresholds or PoolThresholds()
+        self.default_ratio = default_ratio
+        self.locks = locks or InFlight()
 
     def _logical_volume(self, volume_id: str) -> tuple[LogicalVolume, dict[str, str]] | None:
         try:
@@ -170,8 +181,12 @@ class LvmVolumes:
         lv, context = found
         ref = parse_id(volume_id)
         unfinished = TAG_UNFINISHED in lv.tags
+        # A thin volume is as healthy as its pool: read the pool too (one more lvm call,
+        # thin volumes only), so a pool past its threshold is never reported healthy.
+        pool = self.lvm.get_lv(ref.vg, lv.pool_lv) if lv.is_thin and lv.pool_lv else None
         return NodeVolume(volume_id, ref.device_path, lv.size, lv.is_active, context,
-                          lv_problem(lv), max(1, lv.stripes), lv.is_thin, unfinished)
+                          lv_problem(lv, pool, self.thresholds), max(1, lv.stripes),
+                          lv.is_thin, unfinished, lv.pool_lv or "")
 
     def finish(self, volume: NodeVolume) -> NodeVolume:
         finish_volume(self.lvm, parse_id(volume.volume_id), volume.size, thin=volume.thin)
@@ -189,28 +204,43 @@ class LvmVolumes:
         return now
 
     def extend(self, volume: NodeVolume, required_bytes: int, limit_bytes: int) -> NodeVolume:
-        """Two lvm calls (vgs, lvextend): under emulation or on a busy node each one counts."""
+        """Two lvm calls (a report of the VG, lvextend): under emulation or on a busy node
+        each one counts. A thin volume grows only within its pool's room (pool size x
+        overprovision ratio - virtual sizes handed out), checked under the pool's mutex."""
         if not required_bytes or volume.size >= required_bytes:
             return volume  # idempotent: already big enough (or no size asked for)
         ref = parse_id(volume.volume_id)
-        vg = self.lvm.get_vg(ref.vg)
-        if vg is None:
-            raise NotFound(f"volume group {ref.vg} of volume {volume.volume_id} not found")
-        unit = (vg.extent_size or 1) * max(1, volume.stripes)
-        size = -(-required_bytes // unit) * unit
-        if limit_bytes and size > limit_bytes:
-            raise OutOfRange(
-                f"{required_bytes} bytes rounded up to the allocation unit ({unit} bytes) is "
-                f"{size} bytes, above limit_bytes {limit_bytes}")
-        if not volume.thin and size - volume.size > vg.size:
-            raise OutOfRange(f"volume group {ref.vg} ({vg.size} bytes) can never hold "
-                             f"{size} bytes for {volume.volume_id}")
+        with contextlib.ExitStack() as stack:
+            if volume.thin and volume.pool:
+                stack.enter_context(self.locks.serial(thin_pool_key(ref.vg, volume.pool)))
+            report = self.lvm.report([ref.vg])
+            vg = report.vg(ref.vg)
+            if vg is None:
+                raise NotFound(f"volume group {ref.vg} of volume {volume.volume_id} not found")
+            unit = (vg.extent_size or 1) * max(1, volume.stripes)
+            size = -(-required_bytes // unit) * unit
+            if limit_bytes and size > limit_bytes:
+                raise OutOfRange(
+                    f"{required_bytes} bytes rounded up to the allocation unit ({unit} bytes) "
+                    f"is {size} bytes, above limit_bytes {limit_bytes}")
+            if volume.thin and volume.pool:
+                refusal = thin_refusal(report, ref.vg, volume.pool, size, ref.lv,
+                                       self.default_ratio, self.thresholds)
+                if refusal is not None:
+                    raise ResourceExhausted(f"growing {volume.volume_id} to {size} bytes: "
+                                            f"{refusal}")
+            elif not volume.thin and size - volume.size > vg.size:
+                raise ResourceExhausted(f"volume group {ref.vg} ({vg.size} bytes) can never "
+                                        f"hold {size} bytes for {volume.volume_id}")
+            return self._lvextend(ref, volume, vg.free, size)
+
+    def _lvextend(self, ref: LvRef, volume: NodeVolume, vg_free: int, size: int) -> NodeVolume:
         try:
             self.lvm.lvextend(ref.vg, ref.lv, size)
         except LvmError as exc:
             if exc.is_no_space():
                 raise ResourceExhausted(
-                    f"volume group {ref.vg} has {vg.free} bytes free; growing "
+                    f"volume group {ref.vg} has {vg_free} bytes free; growing "
                     f"{volume.volume_id} to {size} bytes needs {size - volume.size}") from None
             if not isinstance(exc, LvmTimeout) and not volume.thin:
                 # LVM refuses to grow an active thick origin of copy-on-write snapshots.
@@ -342,7 +372,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if volumes is None:
             if lvm is None:
                 raise ValueError("NodeService needs an Lvm or a volume backend")
-            volumes = LvmVolumes(lvm, config.driver_name, on_lvm_change)
+            locks = locks or InFlight()
+            volumes = LvmVolumes(
+                lvm, config.driver_name, on_lvm_change, locks=locks,
+                default_ratio=config.thin_overprovision_ratio,
+                thresholds=PoolThresholds.of(config))
         self.config = config
         self.volumes = volumes
         self.locks = locks or InFlight()
@@ -569,6 +603,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         try:
             found = filesystem.probe(device)
             fs_type = found.fs_type
+            existing = fs_type is not None
             if fs_type is None:
                 problem = filesystem.blank_problem(device)
                 if problem is not None:
@@ -609,7 +644,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.mounter.mount(device, target, fs_type, mount_options)
         except MountError as exc:
             raise Internal(str(exc)) from None
+        if existing and not read_only:
+            self._fill_device(vol, target, fs_type)
         log.info("published volume", extra={"fs_type": fs_type, "options": mount_options})
+
+    def _fill_device(self, vol: NodeVolume, target: str, fs_type: str) -> None:
+        """A filesystem found on the device (a restore or clone into a larger claim, or an LV
+        grown while unpublished) is grown to the device at its first mount, as mount-utils
+        does: the pod sees the capacity its claim says. A no-op when it already fills it."""
+        try:
+            filesystem.grow(fs_type, vol.device_path, target)
+        except filesystem.FilesystemError as exc:
+            with contextlib.suppress(MountError):
+                self.mounter.unmount_all(target)
+            raise Internal(f"volume {vol.volume_id}: its filesystem could not be grown to its "
+                           f"device: {exc}") from None
 
     # ------------------------------------------------------------------ unpublish
 
@@ -683,6 +732,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                             f"volume {volume_id} is not mounted at {path}")
             elif vol.active and not _holds_device(entry, vol.device_path):
                 raise NotFound(f"{path} holds another filesystem, not volume {volume_id}")
+            elif problem is None and not entry.read_only and (
+                    entry.super_read_only or "emergency_ro" in entry.super_options):
+                # Published read-write, yet the kernel made the filesystem read-only: it met a
+                # write error (e.g. its thin pool ran out of space). Kernels since 6.12 say
+                # "emergency_ro" instead of turning the superblock "ro".
+                problem = (f"the filesystem of volume {volume_id} turned read-only after a "
+                           "write error")
             return self._stats_response(path, block, True, problem)
 
     @staticmethod

@@ -9,13 +9,16 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry
 
-from csi_lvm.capacity import CapacityCache, LvmCollector
+from csi_lvm.capacity import CapacityCache, LvmCollector, PoolThresholds
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.identity import Identity
+from csi_lvm.jobs import Jobs
 from csi_lvm.locks import InFlight
 from csi_lvm.node import NodeService
-from csi_lvm.recovery import EventSink, SweepMetrics, log_event, sweep
+from csi_lvm.poolwatch import PoolWatch, make_sink
+from csi_lvm.published import PublishedCapacity
+from csi_lvm.recovery import SweepMetrics, sweep
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from edge_common.server import GrpcServer, RpcMetrics
@@ -30,6 +33,23 @@ def lvm_settings(config: CsiConfig) -> LvmSettings:
         config.lvm_config, auto_driverloaded=config.lvm_auto_driverloaded)
 
 
+def published_capacity(config: CsiConfig) -> PublishedCapacity | None:
+    """Mode controller: the nodes' CSIStorageCapacity objects, when the API is reachable."""
+    if config.mode is not Mode.CONTROLLER:
+        return None
+    from edge_common.kubeapi import ApiError
+    from node_resource_manager.kube import make_client
+
+    try:
+        api = make_client(config.kubeconfig)
+    except (ApiError, OSError, ValueError, KeyError) as exc:
+        log.warning("no Kubernetes API: ControllerExpandVolume cannot check what the nodes "
+                    "publish and leaves the decision to the node", extra={"error": str(exc)})
+        return None
+    return PublishedCapacity(api, config.driver_name, config.topology_key,
+                             config.storage_capacity_namespace)
+
+
 class Driver:
     """One csi-lvm process: build with a config, start(), stop()."""
 
@@ -42,12 +62,21 @@ class Driver:
         if config.mode is Mode.ALL:
             self.sweep_metrics = SweepMetrics(self.registry)
             self.lvm = Lvm(lvm_settings(config))
-            self.cache = CapacityCache(self.lvm, config.capacity_refresh_seconds,
-                                       config.thin_overprovision_ratio)
+            self.cache = CapacityCache(
+                self.lvm, config.capacity_refresh_seconds, config.thin_overprovision_ratio,
+                PoolThresholds.of(config),
+                recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
+            self.events = make_sink(config)  # pool warnings and start-up repairs
+            self.pool_watch = PoolWatch(self.events, config.thin_overprovision_ratio,
+                                        PoolThresholds.of(config), config.node_id)
+            self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
-        self.identity = Identity(config, self.lvm)
-        self.controller = Controller(config, self.lvm, self.cache, self.locks)
+        self.identity = Identity(config, self.lvm, self.cache)
+        self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
+                         self.registry if config.mode is Mode.ALL else None)
+        self.controller = Controller(config, self.lvm, self.cache, self.locks,
+                                     published_capacity(config), self.jobs)
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),
@@ -70,8 +99,10 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            swept = sweep(self.lvm, self.config.driver_name, events=self._event_sink(),
-                          metrics=self.sweep_metrics)
+            sink = self.events
+            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics,
+                          events=lambda reason, message, warning: sink.event(
+                              reason, message, warning=warning))
             if swept.removed or swept.repaired or swept.failed:
                 log.info("start-up sweep", extra={"removed": swept.removed,
                                                   "repaired": swept.repaired,
@@ -90,20 +121,6 @@ class Driver:
         log.info("csi-lvm started", extra={"mode": self.config.mode.value,
                                            "driver": self.config.driver_name,
                                            "node_id": self.config.node_id})
-
-    def _event_sink(self) -> EventSink:
-        """Kubernetes Events on this Node (--node-events), else log lines only."""
-        if not self.config.node_events:
-            return log_event
-        from node_resource_manager.kube import KubeSink, make_client
-
-        try:
-            sink = KubeSink(make_client(self.config.kubeconfig), node_name=self.config.node_id,
-                            annotation="", component="csi-lvm")
-        except Exception as exc:  # noqa: BLE001 - never keep the driver from starting
-            log.warning("no Kubernetes Events: cannot reach the API", extra={"error": str(exc)})
-            return log_event
-        return lambda reason, message, warning: sink.event(reason, message, warning=warning)
 
     def stop(self, grace: float = 10.0) -> None:
         self.server.stop(grace)

@@ -31,6 +31,10 @@ Tags (LVM charset [A-Za-z0-9_+.-/=!:&#], at most 1024 characters each)
     csi-lvm.edge.io/source=<kind>:<id>      content source: "snapshot:<vg>/<lv>", "volume:<vg>/<lv>"
                                             (on snapshots: "volume:<source volume id>")
     csi-lvm.edge.io/ctx=<base64url(JSON)>   the volume context returned by CreateVolume
+    csi-lvm.edge.io/plain-delete            a volume whose deletion is nothing but lvremove (no
+                                            wipe, nothing else in its context): DeleteVolume
+                                            removes it with one `lvremove --select` carrying the
+                                            ownership tags; volumes without it take the lookup
     csi-lvm.edge.io/pending                 set while CreateVolume fills the LV (copy, restore,
                                             full zeroing); such an LV was never handed out: a
                                             retry (or the start-up sweep) removes and redoes it
@@ -60,6 +64,7 @@ TAG_SIZE = TAG_PREFIX + "size="
 TAG_SOURCE = TAG_PREFIX + "source="
 TAG_CONTEXT = TAG_PREFIX + "ctx="
 TAG_PENDING = TAG_PREFIX + "pending"
+TAG_PLAIN_DELETE = TAG_PREFIX + "plain-delete"
 TAG_UNFINISHED = TAG_PREFIX + "unfinished"
 TAG_OVERPROVISION = TAG_PREFIX + "overprovision="  # on a thin pool (set by the operator/NRM)
 MAX_TAG_LEN = 1024
@@ -85,6 +90,12 @@ class VolumeContext:
     FS_TYPE = "fsType"  # ext4 | xfs | btrfs ("" for raw block volumes)
     MKFS_OPTIONS = "mkfsOptions"  # shell-quoted extra mkfs arguments: split_options()
     MOUNT_OPTIONS = "mountOptions"  # comma- or space-separated: split_mount_options()
+
+
+#: Context keys of a volume whose deletion needs nothing but lvremove (see TAG_PLAIN_DELETE).
+PLAIN_CONTEXT_KEYS = frozenset({VolumeContext.VG, VolumeContext.LV, VolumeContext.LVM_TYPE,
+                                VolumeContext.FS_TYPE, VolumeContext.MKFS_OPTIONS,
+                                VolumeContext.MOUNT_OPTIONS})
 
 
 class InvalidId(ValueError):

@@ -384,6 +384,34 @@ class Lvm:
         target = f"{_check_name('VG', vg)}/{_check_name('LV', name)}"
         self.command("lvremove", "--yes", "--", target, timeout=timeout)
 
+    def lvremove_if_tagged(
+        self, vg: str, name: str, tags: Sequence[str], *, timeout: float | None = None
+    ) -> bool:
+        """Remove vg/name in ONE lvremove only if it carries every tag in ``tags`` and is no
+        thick snapshot origin (``--yes`` would take its snapshots along); True when it was
+        removed, False when nothing matched (absent, other tags, an origin) or lvm's answer was
+        not the removal message (the caller looks, as it would have without this)."""
+        checked = _check_tags(tags)
+        if not checked:
+            raise ValueError("lvremove_if_tagged needs at least one tag")
+        for tag in checked:
+            if '"' in tag or "\\" in tag:
+                raise ValueError(f"invalid tag: {tag!r}")
+        lv = _check_name("LV", name)
+        if '"' in lv:
+            raise ValueError(f"invalid LV name: {lv!r}")
+        selection = " && ".join([
+            f'lv_name="{lv}"',
+            *(f'lv_tags="{tag}"' for tag in checked),
+            "!(lv_role=thickorigin)",
+            'lv_attr!~"^o"',
+        ])  # fmt: skip
+        result = self.command(
+            "lvremove", "--yes", "--select", selection, "--", _check_name("VG", vg),
+            timeout=timeout,
+        )  # fmt: skip
+        return f'Logical volume "{lv}" successfully removed' in result.stdout_text
+
     def lvrename(self, vg: str, old: str, new: str, *, timeout: float | None = None) -> None:
         self.command(
             "lvrename", "--",

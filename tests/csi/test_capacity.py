@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proto.csi.v1 import csi_pb2
 from tests.csi.conftest import NODE, CsiRig, MiB, code_of, create_request, mount_cap
+from tests.rigs.lvm import VgFactory, unique_vg_name
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -96,3 +97,31 @@ def test_metrics_expose_rpc_counts_and_vg_gauges(csi_factory: Callable[..., CsiR
     assert samples[("csi_lvm_vg_size_bytes", (("vg", csi.vg.name),))] == vg.size
     ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
     assert ready.status == 200
+
+
+def test_a_volume_group_built_after_start_is_usable_and_published_at_once(
+        csi_factory: Callable[..., CsiRig], vg_factory: VgFactory) -> None:
+    # The node agent builds the VG after the driver has started (same DaemonSet): neither
+    # CreateVolume nor GetCapacity may wait for the next periodic refresh (an hour here).
+    name = unique_vg_name("late")
+    csi = csi_factory(allowed_vgs=[name], capacity_refresh_seconds=3600.0,
+                      vg_recheck_seconds=0.0)
+    absent = capacity(csi, parameters={"vgName": name})
+    assert absent.available_capacity == 0
+    vg_factory(name=name)
+    published = capacity(csi, parameters={"vgName": name})
+    assert published.available_capacity > 0
+    vol = csi.controller.CreateVolume(create_request("pvc-late", vgName=name)).volume
+    assert vol.volume_id == f"{name}/pvc-late"
+
+
+def test_requests_for_an_absent_vg_reread_lvm_at_most_once_per_recheck_period(
+        csi_factory: Callable[..., CsiRig]) -> None:
+    csi = csi_factory(allowed_vgs=["absent-vg-x"], capacity_refresh_seconds=3600.0,
+                      vg_recheck_seconds=3600.0)
+    cache = csi.driver.cache  # type: ignore[union-attr]
+    reads: list[int] = []
+    cache.on_refresh(lambda report: reads.append(1))
+    for _ in range(20):
+        assert capacity(csi, parameters={"vgName": "absent-vg-x"}).available_capacity == 0
+    assert len(reads) <= 1

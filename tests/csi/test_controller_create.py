@@ -21,6 +21,7 @@ from tests.csi.conftest import (
     create_request,
     mount_cap,
 )
+from tests.rigs.lvm import VgFactory
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 
@@ -76,11 +77,16 @@ def test_without_a_capacity_range_the_configured_default_size_is_used(
     assert csi.controller.CreateVolume(only_limit).volume.capacity_bytes == 8 * MiB
 
 
-def test_above_the_largest_volume_the_vg_can_hold_is_out_of_range(csi: CsiRig) -> None:
+def test_above_the_largest_volume_the_vg_can_hold_is_resource_exhausted_so_another_node_is_tried(
+        csi: CsiRig) -> None:
+    # OUT_OF_RANGE is final for csi-provisioner: a WaitForFirstConsumer claim would stay stuck
+    # on this node; RESOURCE_EXHAUSTED makes it reschedule.
     vg = csi.lvm.get_vg(csi.vg.name)
     assert vg is not None
     req = create_request("pvc-huge", required=vg.size + 4 * MiB)
-    assert code_of(lambda: csi.controller.CreateVolume(req)) == grpc.StatusCode.OUT_OF_RANGE
+    assert code_of(lambda: csi.controller.CreateVolume(req)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert csi.our_lvs() == []
 
 
 def test_more_than_the_free_space_is_resource_exhausted(csi: CsiRig) -> None:
@@ -171,10 +177,26 @@ def test_a_thin_volume_in_a_pool_that_does_not_exist_is_resource_exhausted(csi: 
         grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_a_volume_group_missing_on_this_node_is_resource_exhausted(csi: CsiRig) -> None:
-    req = create_request("pvc-v", vgName=csi.vg.name + "-absent")
+def test_an_allowed_volume_group_missing_on_this_node_is_resource_exhausted(
+        csi_factory: Callable[..., CsiRig]) -> None:
+    absent = "absent-vg-of-this-test"
+    csi = csi_factory(allowed_vgs=[absent])
+    req = create_request("pvc-v", vgName=absent)
     assert code_of(lambda: csi.controller.CreateVolume(req)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_without_an_allow_list_only_the_default_vg_is_usable_and_the_error_names_the_option(
+        csi: CsiRig, vg_factory: VgFactory) -> None:
+    other_vg = vg_factory().name
+    req = create_request("pvc-os", vgName=other_vg)  # exists on this host, like the OS's VG
+    with pytest.raises(grpc.RpcError) as info:
+        csi.controller.CreateVolume(req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "allowed_vgs" in (info.value.details() or "")
+    assert csi.lvm.lvs(other_vg) == []
+    cap = csi.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"vgName": other_vg}))
+    assert cap.available_capacity == 0
 
 
 def test_a_volume_group_outside_allowed_vgs_is_invalid_argument(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from csi_lvm.config import Mode
 from edge_proto.csi.v1 import csi_pb2
 from tests.csi.conftest import CsiRig, MiB, block_cap, code_of, create_request, mount_cap
+from tests.rigs.fake_kube import FakeKubeServer
 
 
 def expand(csi: CsiRig, volume_id: str, required: int, limit: int = 0,
@@ -91,8 +95,8 @@ def test_expand_errors_follow_the_spec(csi: CsiRig) -> None:
         grpc.StatusCode.OUT_OF_RANGE
     vg = csi.lvm.get_vg(csi.vg.name)
     assert vg is not None
-    assert code_of(lambda: expand(csi, vol.volume_id, vg.size + 64 * MiB)) in (
-        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert code_of(lambda: expand(csi, vol.volume_id, vg.size + 64 * MiB)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED  # more than the VG could ever hold: not final
     lv = csi.lvm.get_lv(csi.vg.name, "pvc-ee")
     assert lv is not None and lv.size == 8 * MiB
 
@@ -116,3 +120,88 @@ def test_a_controller_only_instance_answers_expansion_without_lvm(
         csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME]
     assert code_of(lambda: csi.controller.CreateVolume(create_request("v"))) == \
         grpc.StatusCode.UNIMPLEMENTED
+
+
+def _pv(name: str, driver: str, handle: str, node: str, size: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "csi-local-lvm",
+            "csi": {"driver": driver, "volumeHandle": handle},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": f"topology.{driver}/node", "operator": "In", "values": [node]}]}]}},
+        },
+    }
+
+
+def _published(name: str, driver: str, node: str, maximum: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSIStorageCapacity",
+        "metadata": {"name": name, "namespace": "kube-system"},
+        "storageClassName": "csi-local-lvm", "capacity": maximum, "maximumVolumeSize": maximum,
+        "nodeTopology": {"matchLabels": {f"topology.{driver}/node": node}},
+    }
+
+
+def test_a_controller_only_instance_refuses_growth_beyond_what_the_node_publishes(
+        csi_factory: Callable[..., CsiRig], fake_kube: FakeKubeServer, tmp_path: Path) -> None:
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "kubeconfig")
+    csi = csi_factory(mode=Mode.CONTROLLER, node_id="", lvm_command=["/nonexistent/lvm"],
+                      kubeconfig=str(kubeconfig))
+    driver = csi.config.driver_name
+    fake_kube.create("persistentvolumes", _pv("pv-a", driver, "vg1/pvc-a", "node-a", "1Gi"))
+    fake_kube.create("persistentvolumes", _pv("pv-b", driver, "vg1/pvc-b", "node-b", "1Gi"))
+    fake_kube.create("csistoragecapacities.storage.k8s.io",
+                     _published("cap-a", driver, "node-a", "512Mi"), namespace="kube-system")
+    # Within what node-a publishes (1 GiB + 512 MiB): accepted, the node grows it.
+    ok = expand(csi, "vg1/pvc-a", 1536 * MiB)
+    assert ok.capacity_bytes == 1536 * MiB and ok.node_expansion_required
+    # Beyond it: RESOURCE_EXHAUSTED, naming the node and what it publishes.
+    with pytest.raises(grpc.RpcError) as info:
+        expand(csi, "vg1/pvc-a", 2048 * MiB)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "node-a" in (info.value.details() or "")
+    # node-b publishes nothing (yet): the node decides.
+    assert expand(csi, "vg1/pvc-b", 8192 * MiB).capacity_bytes == 8192 * MiB
+    # No PV with that handle: NOT_FOUND.
+    assert code_of(lambda: expand(csi, "vg1/pvc-nope", 2048 * MiB)) == grpc.StatusCode.NOT_FOUND
+
+
+def _counting_lvm(tmp_path: Path) -> tuple[list[str], Path]:
+    log = tmp_path / "lvm-calls"
+    wrapper = tmp_path / "lvm"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec lvm "$@"\n')
+    wrapper.chmod(0o755)
+    return [str(wrapper)], log
+
+
+def _calls(log: Path) -> list[str]:
+    return [c for c in log.read_text().split() if c != "fullreport"] if log.exists() else []
+
+
+def test_delete_of_a_plain_volume_is_one_lvremove_and_others_take_the_full_path(
+        csi_factory: Callable[..., CsiRig], tmp_path: Path) -> None:
+    command, log = _counting_lvm(tmp_path)
+    csi = csi_factory(lvm_command=command)
+    plain = csi.controller.CreateVolume(create_request("pvc-plain")).volume
+    wiped = csi.controller.CreateVolume(create_request("pvc-wiped", wipeOnDelete="zero")).volume
+    log.unlink()
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=plain.volume_id))
+    assert _calls(log) == ["lvremove"]  # no lookup: the ownership condition rides along
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-plain") is None
+    log.unlink()
+    # A volume with a wipe policy (or one made before the plain-delete tag existed) is looked
+    # up first, then wiped (where device-mapper exists) and removed.
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=wiped.volume_id))
+    assert _calls(log) == ["lvremove", "lvs", "lvremove"]
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-wiped") is None
+    csi.lvm.lvcreate(csi.vg.name, "pvc-older", 4 * MiB, tags=[
+        csi.owner_tag, "csi-lvm.edge.io/kind=volume",
+        "csi-lvm.edge.io/name=cHZjLW9sZGVy"])
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{csi.vg.name}/pvc-older"))
+    assert csi.lvm.get_lv(csi.vg.name, "pvc-older") is None
+    # Idempotent: a second delete finds nothing (one lvremove matching nothing, one lookup).
+    log.unlink()
+    csi.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=plain.volume_id))
+    assert _calls(log) == ["lvremove", "lvs"]

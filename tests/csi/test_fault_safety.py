@@ -148,10 +148,10 @@ def test_sweep_repairs_become_warning_events_on_the_node(fake_kube: Any, tmp_pat
     from csi_lvm.server import Driver
 
     kubeconfig = fake_kube.write_kubeconfig(tmp_path / "kubeconfig")
-    driver = Driver(CsiConfig(node_id="edge-node-9", node_events=True,
+    driver = Driver(CsiConfig(node_id="edge-node-9", kube_events=True,
                               kubeconfig=str(kubeconfig)))
-    sink = driver._event_sink()
-    sink("VolumeRepaired", "volume vg0/pvc-a was left suspended; repaired at start-up", True)
+    driver.events.event("VolumeRepaired", "volume vg0/pvc-a was left suspended; repaired at "
+                        "start-up", warning=True)  # the sink the start-up sweep reports to
     (event,) = fake_kube.events(reason="VolumeRepaired", involved_name="edge-node-9")
     assert event["type"] == "Warning" and event["source"]["component"] == "csi-lvm"
     assert "left suspended" in event["message"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from csi_lvm.config import Mode
 from edge_common.version import VERSION
@@ -48,3 +49,22 @@ def test_a_controller_only_instance_is_ready_without_lvm(
         csi_factory: Callable[..., CsiRig]) -> None:
     csi = csi_factory(mode=Mode.CONTROLLER, node_id="", lvm_command=["/nonexistent/lvm"])
     assert csi.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
+
+
+def test_probe_answers_from_a_recent_lvm_read_without_an_lvm_process(
+        csi_factory: Callable[..., CsiRig], tmp_path: Path) -> None:
+    # Probe must stay prompt on a node busy with copies: LVM answered for the capacity cache
+    # within a refresh period, so Probe spawns nothing; a missing VG is still asked of LVM.
+    log = tmp_path / "lvm-calls"
+    wrapper = tmp_path / "lvm"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec lvm "$@"\n')
+    wrapper.chmod(0o755)
+    csi = csi_factory(lvm_command=[str(wrapper)], capacity_refresh_seconds=3600.0)
+    log.unlink(missing_ok=True)
+    for _ in range(5):
+        assert csi.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
+    assert not log.exists()
+    lvm_gone = csi_factory(lvm_command=[str(wrapper)], capacity_refresh_seconds=3600.0,
+                           allowed_vgs=[csi.vg.name + "-missing"])
+    assert lvm_gone.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
+    assert "vgs" in log.read_text().split()

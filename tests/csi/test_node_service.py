@@ -889,7 +889,7 @@ def test_lvm_volumes_extend_rounds_to_extents_and_maps_lvm_refusals(
 
     with pytest.raises(OutOfRange):  # the rounded size exceeds the limit
         volumes.extend(grown, grown.size + 1, grown.size + 1)
-    with pytest.raises(OutOfRange):  # more than the whole VG
+    with pytest.raises(ResourceExhausted):  # more than the whole VG: maybe another node
         volumes.extend(grown, 1 << 30, 0)
     with pytest.raises(ResourceExhausted):  # fits the VG, not its free space
         volumes.extend(grown, grown.size + 120 * MiB - 4 * extent, 0)
@@ -899,6 +899,54 @@ def test_lvm_volumes_extend_rounds_to_extents_and_maps_lvm_refusals(
     striped = volumes.lookup(f"{vg.name}/pvc-striped")
     assert striped is not None and striped.stripes == 2
     assert volumes.extend(striped, 8 * MiB + 1, 0).size == 8 * MiB + 2 * extent
+
+
+# ---------------------------------------------------------------------------- sizes, health
+
+
+def _grow_device(disk: LoopDisk, size: int) -> None:
+    """What a restore into a larger claim leaves: the source's filesystem on a bigger LV."""
+    os.truncate(disk.path, size)
+    run(["losetup", "--set-capacity", disk.device], timeout=30)
+
+
+@pytest.mark.parametrize("fs_type", ["xfs"])  # ext4 online: tests/kernel (CAP_SYS_RESOURCE)
+def test_a_filesystem_smaller_than_its_device_fills_it_at_first_publish(
+    node: NodeRig, loop_disks: LoopDiskFactory, fs_type: str
+) -> None:
+    volume_id, disk = new_volume(node, loop_disks, 320 * MiB, fsType=fs_type)
+    make_filesystem(fs_type, disk.device)
+    _grow_device(disk, 4 * 320 * MiB)  # restored into 4x the source
+    target = node.target()
+    node.publish(volume_id, target, mount_cap(fs_type))
+    assert filesystem_usage(target).total_bytes > 3 * 320 * MiB
+    node.unpublish(volume_id, target)
+
+
+def test_a_read_only_publish_leaves_the_filesystem_as_found(
+    node: NodeRig, loop_disks: LoopDiskFactory
+) -> None:
+    volume_id, disk = new_volume(node, loop_disks, 64 * MiB, fsType="ext4")
+    make_filesystem("ext4", disk.device)
+    _grow_device(disk, 256 * MiB)
+    target = node.target()
+    node.publish(volume_id, target, mount_cap("ext4"), readonly=True)
+    assert filesystem_usage(target).total_bytes < 64 * MiB
+    node.unpublish(volume_id, target)
+
+
+def test_a_filesystem_the_kernel_turned_read_only_after_an_error_is_abnormal(
+    node: NodeRig, loop_disks: LoopDiskFactory
+) -> None:
+    volume_id, disk = new_volume(node, loop_disks, 64 * MiB, fsType="ext4")
+    target = node.target()
+    node.publish(volume_id, target, mount_cap("ext4", flags=("errors=remount-ro",)))
+    assert not node.stats(volume_id, target).volume_condition.abnormal
+    # The kernel's own fault injection: ext4 reports an error as a failed write would.
+    name = os.path.basename(os.path.realpath(disk.device))
+    Path(f"/sys/fs/ext4/{name}/trigger_fs_error").write_text("test write error\n")
+    condition = node.stats(volume_id, target).volume_condition
+    assert condition.abnormal and "read-only after a write error" in condition.message
 
 
 # ---------------------------------------------------------------------------- unfinished volumes

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from csi_lvm.config import CsiConfig
 from node_resource_manager.config import DEFAULT_GATE_KEY, NrmConfig
 from tests.deploy.commands import our_config
 from tests.deploy.kube_calls import (
@@ -276,18 +277,25 @@ def test_every_request_of_the_running_agent_is_authorized(
 # ------------------------------------------------------------------------------ the others
 
 
-def test_csi_driver_may_only_record_events_on_its_node(base: tuple[Obj, ...]) -> None:
-    # csi-lvm calls the API only through node_resource_manager.kube.KubeSink.event (its
-    # start-up repairs, --node-events): its own files make no request, and its role grants
-    # exactly the Event creation in `default`.
-    assert permissions_needed(package_files(ROOT / "csi_lvm")) == set()
-    roles = [o for o in base if o["kind"] in ("Role", "ClusterRole")
-             and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "csi-lvm"]
-    assert [(r["kind"], r["metadata"].get("namespace")) for r in roles] == [("Role", "default")]
-    assert granted(roles) == {Permission("", "events", "create", True)}
-    ds = one(base, "DaemonSet", "csi-lvm-node")
-    cfg = our_config(container(ds, "csi-lvm"))
-    assert cfg.node_events and not cfg.kubeconfig
+def _roles_named(objs: tuple[Obj, ...], name: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] in ("Role", "ClusterRole")
+            and o["metadata"]["name"] == name]
+
+
+def test_csi_driver_calls_only_what_its_service_accounts_grant(base: tuple[Obj, ...]) -> None:
+    # The controller-only csi-lvm (resizer Deployment) reads PVs and what the nodes publish;
+    # if csi_lvm/ starts calling anything else, grant it and extend this test.
+    needed = permissions_needed(package_files(ROOT / "csi_lvm"))
+    assert needed == {Permission("", "persistentvolumes", "list", False),
+                      Permission("storage.k8s.io", "csistoragecapacities", "list", True)}
+    resizer = _roles_named(base, "csi-lvm-resizer")
+    assert needed <= granted(resizer)
+    namespace = CsiConfig.__dataclass_fields__["storage_capacity_namespace"].default
+    assert {r["metadata"]["namespace"] for r in resizer if r["kind"] == "Role"} == {namespace}
+    # The DaemonSet's csi-lvm posts Events on its Node through the node agent's sink; the
+    # service account it shares with csi-provisioner may create Events.
+    assert Permission("", "events", "create", False) in granted(
+        _roles_named(base, "csi-lvm-provisioner"))
 
 
 def test_kms_static_pod_does_not_enable_kubernetes_events(kms: tuple[Obj, ...]) -> None:

@@ -21,7 +21,8 @@ import grpc
 import pytest
 
 from csi_lvm.server import Driver
-from csi_lvm.volume import parse_id, read_tags
+from csi_lvm.volume import TAG_OVERPROVISION, parse_id, read_tags
+from edge_common.errors import ResourceExhausted
 from edge_common.lvm import Lvm
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
@@ -158,10 +159,14 @@ def test_thin_volumes_snapshots_restores_and_clones_keep_their_data(kcsi: Kernel
     assert [e.snapshot.snapshot_id for e in listed.entries] == [snap.snapshot_id]
 
     pool = kcsi.lvm.get_lv(kcsi.vg, POOL)
-    assert pool is not None and pool.data_percent is not None
+    assert pool is not None
+    handed_out = sum(lv.size for lv in kcsi.lvm.lvs(kcsi.vg) if lv.pool_lv == POOL)
     cap = kcsi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(
         parameters={"lvmType": "thin"}, volume_capabilities=[block_cap()]))
-    assert cap.available_capacity == int(int(pool.size * (1 - pool.data_percent / 100)) * 2.0)
+    # pool size x overprovision ratio - the virtual sizes handed out (snapshots included)
+    assert handed_out == (64 + 64 + 96 + 64) * MiB
+    assert cap.available_capacity == int(pool.size * 2.0) - handed_out
+    assert cap.maximum_volume_size.value == cap.available_capacity
 
     grown = kcsi.ctl.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
         volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
@@ -349,3 +354,164 @@ def _wait_gone(pid: int, timeout: float = 300) -> None:
         assert time.monotonic() < deadline, "the held lvm call never finished"
         time.sleep(0.05)
 
+
+
+def test_thin_accounting_and_a_pool_filled_past_its_threshold_by_writes(
+        plain_vg: str, lvm: Lvm) -> None:
+    # A 64 MiB pool that carries overprovision ratio 2 (the driver's default says 1).
+    lvm.create_thin_pool(plain_vg, "small", 64 * MiB,
+                         tags=[TAG_OVERPROVISION + "2"])
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(plain_vg, lvm, sock_dir, default_thin_pool="small",
+                    thin_overprovision_ratio=1.0)
+    try:
+        _thin_accounting(csi, lvm)
+    finally:
+        csi.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
+
+
+def _capacity(csi: KernelCsi) -> Any:
+    return csi.ctl.GetCapacity(csi_pb2.GetCapacityRequest(
+        parameters={"lvmType": "thin"}, volume_capabilities=[block_cap()]))
+
+
+def _thin_accounting(csi: KernelCsi, lvm: Lvm) -> None:
+    def create(name: str, size: int) -> Any:
+        return csi.ctl.CreateVolume(create_request(name, required=size, caps=[block_cap()],
+                                                   lvmType="thin")).volume
+
+    def code(call: Any) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        return info.value.code()  # type: ignore[no-any-return]
+
+    assert _capacity(csi).available_capacity == 128 * MiB
+    a = create("pvc-a", 100 * MiB)
+    assert code(lambda: create("pvc-b", 32 * MiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    b = create("pvc-b", 28 * MiB)
+    cap = _capacity(csi)
+    assert (cap.available_capacity, cap.maximum_volume_size.value) == (0, 0)
+    # A thin snapshot is promised its origin's size too: no room, no snapshot.
+    assert code(lambda: snapshot(csi, "snapshot-a", a.volume_id)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Growing past the pool's room: the controller and the node (today's 4 GiB in 64 MiB).
+    grow = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=a.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
+        volume_capability=block_cap())
+    assert code(lambda: csi.ctl.ControllerExpandVolume(grow)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    node = csi.driver.node
+    assert node is not None
+    found = node.volumes.lookup(a.volume_id)
+    assert found is not None and found.problem is None
+    with pytest.raises(ResourceExhausted):
+        node.volumes.extend(found, 4 << 30, 0)
+    assert lvm.get_lv(csi.vg, "pvc-a").size == 100 * MiB  # type: ignore[union-attr]
+
+    # The operator (or the node agent) raises the pool's ratio: the next create reads it.
+    lvm.deltag(csi.vg, "small", [TAG_OVERPROVISION + "2"])
+    lvm.addtag(csi.vg, "small", [TAG_OVERPROVISION + "3"])
+    c = create("pvc-c", 64 * MiB)
+    delete(csi, b.volume_id, c.volume_id)
+
+    # Fill the pool by writes past its 90% data threshold.
+    write(a.volume_id, b"\xab" * (60 * MiB))
+    csi.driver.cache.refresh()  # type: ignore[union-attr]
+    got = csi.ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=a.volume_id))
+    condition = got.status.volume_condition
+    assert condition.abnormal and f"thin pool {csi.vg}/small" in condition.message
+    found = node.volumes.lookup(a.volume_id)
+    assert found is not None and found.problem is not None and "small" in found.problem
+    assert _capacity(csi).available_capacity == 0
+    assert code(lambda: create("pvc-d", 4 * MiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    labels = {"vg": csi.vg, "pool": "small"}
+    assert csi.driver.registry.get_sample_value("csi_lvm_thin_pool_over_threshold", labels) == 1
+    assert (csi.vg, "small") in csi.driver.pool_watch.full
+    delete(csi, a.volume_id)
+    assert csi.ours() == {}
+
+
+def test_a_restore_into_four_times_the_source_has_a_filesystem_as_large_as_its_device(
+        kcsi: KernelCsi) -> None:
+    from csi_lvm.filesystem import make_filesystem
+    from csi_lvm.stats import filesystem_usage
+
+    src = kcsi.ctl.CreateVolume(create_request("pvc-src", required=32 * MiB,
+                                               caps=[mount_cap("ext4")],
+                                               lvmType="thin")).volume
+    make_filesystem("ext4", device(src.volume_id))
+    snap = snapshot(kcsi, "snapshot-src", src.volume_id)
+    req = create_request("pvc-big", required=128 * MiB, caps=[mount_cap("ext4")],
+                         lvmType="thin")
+    req.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+    big = kcsi.ctl.CreateVolume(req).volume
+    assert big.capacity_bytes == 128 * MiB
+    node = csi_pb2_grpc.NodeStub(kcsi.channel)
+    target = f"/tmp/kpub-{secrets.token_hex(4)}"
+    node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=big.volume_id, target_path=target, volume_capability=mount_cap("ext4"),
+        volume_context=big.volume_context))
+    try:
+        assert filesystem_usage(target).total_bytes > 96 * MiB
+    finally:
+        node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=big.volume_id, target_path=target))
+    delete(kcsi, big.volume_id, src.volume_id, snapshots=(snap.snapshot_id,))
+    assert kcsi.ours() == {}
+
+
+@pytest.mark.timeout(1200)  # 1 GiB through an emulated CPU
+def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_wait(
+        plain_vg: str, lvm: Lvm) -> None:
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(plain_vg, lvm, sock_dir, data_job_wait_seconds=0.5)
+    try:
+        identity = csi_pb2_grpc.IdentityStub(csi.channel)
+        src = csi.ctl.CreateVolume(create_request("pvc-big-src", required=1024 * MiB,
+                                                  caps=[mount_cap()])).volume
+        write(src.volume_id, PATTERN_A, 0)
+        write(src.volume_id, PATTERN_B, 1024 * MiB - len(PATTERN_B))
+        req = create_request("pvc-big-clone", required=1024 * MiB, caps=[block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+        with pytest.raises(grpc.RpcError) as first:
+            csi.ctl.CreateVolume(req)
+        assert first.value.code() == grpc.StatusCode.ABORTED  # pending: copying in the background
+        probes: list[float] = []
+        retries: list[str] = []
+        deadline = time.monotonic() + 600
+        clone = None
+        while clone is None:
+            assert time.monotonic() < deadline, "the background copy never finished"
+            for _ in range(10):
+                start = time.perf_counter()
+                assert identity.Probe(csi_pb2.ProbeRequest(), timeout=30).ready.value
+                probes.append(time.perf_counter() - start)
+                time.sleep(0.05)
+            try:
+                clone = csi.ctl.CreateVolume(req).volume
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED, err.details()
+                retries.append(err.details() or "")
+        assert retries and all("in progress" in r or "queued" in r for r in retries)
+        # One copy, however many retries: 1 GiB copied once.
+        copied = csi.driver.registry.get_sample_value("csi_lvm_data_job_bytes_total",
+                                                      {"kind": "copy"})
+        assert copied == 1024 * MiB
+        assert read(clone.volume_id, len(PATTERN_A)) == PATTERN_A
+        assert read(clone.volume_id, len(PATTERN_B), 1024 * MiB - len(PATTERN_B)) == PATTERN_B
+        probes.sort()
+        print(f"Probe during a 1 GiB clone: {len(probes)} calls, p50 "
+              f"{probes[len(probes) // 2] * 1000:.1f} ms, max {probes[-1] * 1000:.1f} ms; "
+              f"{len(retries)} retries answered ABORTED")
+        delete(csi, clone.volume_id, src.volume_id)
+        assert csi.ours() == {}
+    finally:
+        csi.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()

@@ -330,6 +330,16 @@ def test_a_volume_in_use_is_never_deleted_or_wiped(rig: Rig) -> None:
 # ---------------------------------------------------------------------------- 4. lvextend
 
 
+class Recorder:
+    """An Event sink (csi_lvm.poolwatch.make_sink's interface) that keeps what it is told."""
+
+    def __init__(self, events: list[tuple[str, str, bool]]) -> None:
+        self.events = events
+
+    def event(self, reason: str, message: str, *, warning: bool) -> None:
+        self.events.append((reason, message, warning))
+
+
 def lvextend_resume_point(rig: Rig) -> int:
     """lvm's ioctl count up to the one right after lvextend's suspend (the resume)."""
     name = f"calib{secrets.token_hex(2)}"
@@ -378,12 +388,14 @@ def test_lvextend_between_suspend_and_resume_is_never_killed_and_a_killed_one_is
     info = dm_info(name)
     assert info is not None and info.suspended
     events: list[tuple[str, str, bool]] = []
-    monkeypatch.setattr("csi_lvm.server.log_event", lambda *event: events.append(event))
+    monkeypatch.setattr("csi_lvm.server.make_sink", lambda config: Recorder(events))
     rig.restart()
     info = dm_info(name)
     assert info is not None and not info.suspended, f"the sweep did not resume it: {events}"
-    assert [(reason, warning) for reason, _, warning in events] == [("VolumeRepaired", True)]
-    assert "suspended" in events[0][1]
+    repairs = [(reason, message, warning) for reason, message, warning in events
+               if reason.startswith("VolumeRepair")]  # (pool warnings go the same way)
+    assert [(reason, warning) for reason, _, warning in repairs] == [("VolumeRepaired", True)]
+    assert "suspended" in repairs[0][1]
     assert rig.driver is not None and rig.driver.registry.get_sample_value(
         "csi_lvm_startup_repairs_total", {"action": "refreshed"}) == 1
     assert Path(target, "data").read_bytes() == payload  # the pod's I/O flows again

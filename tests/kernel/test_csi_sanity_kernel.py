@@ -91,7 +91,7 @@ def guest(kernel_disk_paths: list[str], lvm: Lvm) -> Iterator[Guest]:
     sock_dir = Path(f"/tmp/ksan-{secrets.token_hex(4)}")
     sock_dir.mkdir()
     config = make_config(vg, sock_dir, default_volume_size=TEST_VOLUME_SIZE,
-                         lvm_timeout_seconds=RPC_TIMEOUT)
+                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other])
     driver = Driver(config)
     driver.start()
     channel = unix_channel(config.endpoint)
