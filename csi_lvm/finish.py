@@ -14,6 +14,10 @@ never a device in use), and only then removes the tag. Volumes whose creation mu
 (copies, restores, fully zeroed block volumes) are finished by CreateVolume itself together
 with ``pending`` in one lvchange. A plain CreateVolume answers without its own lvchange: the
 first use pays it, which keeps CreateVolume at one LVM process.
+
+Rule for any code that writes into a new LV before its first publish (a copy, a LUKS header):
+drop ``unfinished`` in the lvchange that ends that work (as ``pending`` is), or the first use
+will wipe what it wrote.
 """
 
 from __future__ import annotations
