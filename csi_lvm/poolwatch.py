@@ -74,8 +74,8 @@ def make_sink(config: CsiConfig) -> EventSink:
     from node_resource_manager.events import LogSink
 
     if config.kube_events and (config.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+        from edge_common.kubeapi import ApiError
         from node_resource_manager.kube import KubeSink, make_client
-        from node_resource_manager.kubeapi import ApiError
 
         try:
             api = make_client(config.kubeconfig)

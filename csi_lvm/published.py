@@ -21,7 +21,7 @@ from csi_lvm.params import parse_quantity
 from edge_common.errors import InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from node_resource_manager.kubeapi import KubeClient
+    from edge_common.kubeapi import KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PublishedCapacity:
         self.namespace = namespace
 
     def _get(self, path: str) -> dict[str, Any]:
-        from node_resource_manager.kubeapi import ApiError
+        from edge_common.kubeapi import ApiError
 
         try:
             return self.api.request("GET", path)

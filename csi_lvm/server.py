@@ -37,8 +37,8 @@ def published_capacity(config: CsiConfig) -> PublishedCapacity | None:
     """Mode controller: the nodes' CSIStorageCapacity objects, when the API is reachable."""
     if config.mode is not Mode.CONTROLLER:
         return None
+    from edge_common.kubeapi import ApiError
     from node_resource_manager.kube import make_client
-    from node_resource_manager.kubeapi import ApiError
 
     try:
         api = make_client(config.kubeconfig)

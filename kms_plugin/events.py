@@ -13,18 +13,18 @@ import datetime
 import logging
 import os
 import secrets
-from typing import Any
+
+from edge_common.kubeapi import ApiError, KubeClient, in_cluster_config, load_kubeconfig
 
 log = logging.getLogger("kms_plugin.events")
 
 COMPONENT = "kms-plugin"
+REQUEST_TIMEOUT = 5.0
 
 
 class KubeEventNotifier:
-    def __init__(self, api_client: Any, namespace: str, pod_name: str, node_name: str = "") -> None:
-        from kubernetes import client
-
-        self._core = client.CoreV1Api(api_client)
+    def __init__(self, client: KubeClient, namespace: str, pod_name: str,
+                 node_name: str = "") -> None:
         self._client = client
         self.namespace = namespace
         self.pod_name = pod_name
@@ -32,22 +32,24 @@ class KubeEventNotifier:
 
     @classmethod
     def from_environment(cls) -> KubeEventNotifier | None:
-        """Credentials from $KUBECONFIG, else in-cluster; the Pod from POD_NAME / POD_NAMESPACE.
+        """Credentials from $KUBECONFIG, else in-cluster, else ~/.kube/config; the Pod from
+        POD_NAME / POD_NAMESPACE.
 
         A static pod (how the plugin runs beside kube-apiserver) has no service-account
         token: then, and whenever no credentials load, events are off with a warning and
         ``serve`` carries on; they are best effort, never a reason not to serve.
         """
-        from kubernetes import client, config
-
         try:
             if os.environ.get("KUBECONFIG"):
-                config.load_kube_config(config_file=os.environ["KUBECONFIG"])
+                config = load_kubeconfig(os.environ["KUBECONFIG"])
             elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config()
+                config = in_cluster_config()
+                if config.token_file and not os.path.exists(config.token_file):
+                    raise ApiError(0, "", f"no service-account token at {config.token_file}")
             else:
-                config.load_kube_config()
-        except Exception as exc:  # ConfigException, missing files, bad YAML ...
+                config = load_kubeconfig(os.path.expanduser("~/.kube/config"))
+            client = KubeClient(config, timeout=REQUEST_TIMEOUT)  # reads the CA files
+        except (ApiError, OSError, ValueError) as exc:  # missing or unreadable files, bad YAML
             log.warning(
                 "--kube-events: no Kubernetes credentials (%s: %s); events are off. A static "
                 "pod has no service-account token: set KUBECONFIG to a kubeconfig it can read",
@@ -56,29 +58,31 @@ class KubeEventNotifier:
             return None
         pod = os.environ.get("POD_NAME") or os.uname().nodename
         namespace = os.environ.get("POD_NAMESPACE", "kube-system")
-        return cls(client.ApiClient(), namespace, pod, os.environ.get("NODE_NAME", ""))
+        return cls(client, namespace, pod, os.environ.get("NODE_NAME", ""))
 
     def _record(self, event_type: str, reason: str, message: str) -> None:
-        c = self._client
-        now = datetime.datetime.now(datetime.UTC)
-        event = c.CoreV1Event(
-            metadata=c.V1ObjectMeta(
-                name=f"{self.pod_name}.{secrets.token_hex(8)}", namespace=self.namespace
-            ),
-            involved_object=c.V1ObjectReference(
-                kind="Pod", name=self.pod_name, namespace=self.namespace, api_version="v1"
-            ),
-            reason=reason,
-            message=message[:1024],
-            type=event_type,
-            source=c.V1EventSource(component=COMPONENT, host=self.node_name or None),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            reporting_component=COMPONENT,
-            reporting_instance=self.node_name or self.pod_name,
-        )
-        self._core.create_namespaced_event(self.namespace, event, _request_timeout=5)
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        source = {"component": COMPONENT}
+        if self.node_name:
+            source["host"] = self.node_name
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{self.pod_name}.{secrets.token_hex(8)}",
+                         "namespace": self.namespace},
+            "involvedObject": {"kind": "Pod", "name": self.pod_name,
+                               "namespace": self.namespace, "apiVersion": "v1"},
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
+            "source": source,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self.node_name or self.pod_name,
+        }
+        self._client.request("POST", f"/api/v1/namespaces/{self.namespace}/events", body=event)
 
     def root_key_unusable(self, reason: str, message: str) -> None:
         self._record(

@@ -22,13 +22,13 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from node_resource_manager.events import Deduper
-from node_resource_manager.kubeapi import (
+from edge_common.kubeapi import (
     ApiError,
     KubeClient,
     in_cluster_config,
     load_kubeconfig,
 )
+from node_resource_manager.events import Deduper
 from node_resource_manager.reconcile import ConfigState
 from node_resource_manager.sources import Snapshot, config_from_text
 

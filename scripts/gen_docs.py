@@ -265,10 +265,12 @@ def render_metrics() -> str:
         "",
         "| command | endpoint option | in deploy/ |",
         "|---|---|---|",
-        "| `csi-lvm` | `--metrics-address HOST:PORT` (off by default) | `:9795` (host "
-        "network on storage nodes; pod network in the resizer Deployment) |",
-        "| `node-resource-manager` | `--metrics-address HOST:PORT` (off by default) | `:9796` "
-        "(host network on storage nodes) |",
+        "| `csi-lvm` | `--metrics-address HOST:PORT` (off by default) | `127.0.0.1:9795` "
+        "on storage nodes (host network; the node's IP with "
+        "deploy/overlays/metrics-on-node-ip); `:9795` in the resizer Deployment (pod network) |",
+        "| `node-resource-manager` | `--metrics-address HOST:PORT` (off by default) | "
+        "`127.0.0.1:9796` on storage nodes (host network; the node's IP with "
+        "deploy/overlays/metrics-on-node-ip) |",
         "| `kms-plugin serve` | `--metrics-address ADDR --metrics-port N` (default "
         "`127.0.0.1:8095`) | `127.0.0.1:8095` on each control-plane node |",
         "",

@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# buildah + mmdebstrap: `make image` (daemonless build from Debian packages, no registry);
+# containerd + runc: the image stage imports the image and runs the guide's `ctr` commands.
 APT_PACKAGES=(lvm2 e2fsprogs xfsprogs btrfs-progs util-linux mount softhsm2 opensc
-              qemu-system-x86 python3 python3-venv make ca-certificates kmod procps strace)
+              qemu-system-x86 python3 python3-venv make ca-certificates kmod procps strace
+              buildah mmdebstrap containerd runc)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup-host: run as root (it installs apt packages and creates loop devices)" >&2

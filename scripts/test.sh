@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: set-up, lint, types, tests on this kernel, then the real-kernel suite.
+# The whole test suite: set-up, lint, types, tests on this kernel, the real-kernel suite, then
+# the image stage: build the product image (buildah, Debian packages) and smoke-test it inside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-host.sh
-exec make test
+make test
+make image image-smoke

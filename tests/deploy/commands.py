@@ -59,10 +59,7 @@ def _config_class(argv: list[str]) -> tuple[type, str, list[str]]:
     raise AssertionError(f"not one of our commands: {prog}")
 
 
-def our_config(c: Obj) -> Any:
-    """The config object the container's process builds from its flags and environment; an
-    AssertionError names any flag the code does not know or any value it refuses."""
-    argv = expanded_argv(c)
+def _resolved(c: Obj, argv: list[str]) -> Any:
     cls, prefix, rest = _config_class(argv)
     parser = argparse.ArgumentParser(prog=argv[0], add_help=False)
     add_arguments(parser, cls)
@@ -70,6 +67,18 @@ def our_config(c: Obj) -> Any:
     assert not unknown, f"{c['name']}: flags {argv[0]} does not know: {unknown}"
     environ = {k: v for k, v in _container_env(c).items() if k.startswith(prefix)}
     return resolve(cls, ns, env_prefix=prefix, environ=environ)
+
+
+def our_config(c: Obj) -> Any:
+    """The config object the container's process builds from its flags and environment; an
+    AssertionError names any flag the code does not know or any value it refuses."""
+    return _resolved(c, expanded_argv(c))
+
+
+def exec_config(c: Obj, *argv: str) -> Any:
+    """The config of `kubectl exec POD -c NAME -- ARGV...`: the container's environment (an
+    exec'd process inherits it) with only the flags typed on the command line."""
+    return _resolved(c, list(argv))
 
 
 def is_ours(c: Obj) -> bool:

@@ -161,7 +161,7 @@ def package_files(package: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------ raw REST calls
 #
-# A package may also speak HTTP to the API server itself (node_resource_manager.kubeapi does:
+# A package may also speak HTTP to the API server itself (edge_common.kubeapi does:
 # `api.request("GET", path, query=...)`, `api.watch(path, query)`). Then the permission follows
 # from the HTTP method and the path, and the path is found by following the expression back
 # through the package: string literals and f-strings (module string constants are substituted),

@@ -212,8 +212,11 @@ def invocations(line: str) -> list[tuple[str, list[str]]]:
     words = shlex.split(line.replace("|", " | ").replace(";", " ; "), posix=True)
     out = []
     for i, word in enumerate(words):
+        word = "kms-plugin" if word == "kms_plugin" else word  # the guide's ctr wrapper
         if word not in ("csi-lvm", "node-resource-manager", "kms-plugin"):
             continue
+        if words[i + 1:i + 2] == ["$@"]:
+            continue  # the wrapper's own body passes its arguments through
         rest = []
         for w in words[i + 1:]:
             if w in ("|", ";", "&&", "||", ">", "<"):
@@ -223,7 +226,9 @@ def invocations(line: str) -> list[tuple[str, list[str]]]:
         if word == "kms-plugin" and rest and not rest[0].startswith("-"):
             command = f"kms-plugin {rest[0]}"
             rest = rest[1:]
-        out.append((command, [w.split("=", 1)[0] for w in rest if w.startswith("--")]))
+        # `--` ends the options (kubectl exec ... -- CMD): it is not a flag
+        out.append((command, [w.split("=", 1)[0] for w in rest if w.startswith("--")
+                              and w != "--"]))
     return out
 
 

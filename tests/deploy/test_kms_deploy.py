@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import posixpath
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,12 +17,24 @@ from tests.deploy.manifests import DEPLOY, Obj, container, one, pod_spec, resolv
 from tests.deploy.schemas import ENCRYPTION_CONFIGURATION_V1, errors
 
 ENCRYPTION_CONFIG = DEPLOY / "kms" / "encryption-config.yaml"
+READ_FIRST_CONFIG = DEPLOY / "kms" / "encryption-config-read-first.yaml"
 
 
-def encryption_config() -> Obj:
-    docs = [d for d in yaml.safe_load_all(ENCRYPTION_CONFIG.read_text()) if d]
+def encryption_config(path: Path = ENCRYPTION_CONFIG) -> Obj:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert len(docs) == 1
     return dict(docs[0])
+
+
+def test_read_first_configuration_reads_kms_but_writes_in_clear() -> None:
+    # step 1 of enabling and of disabling encryption: the same kms provider, identity first
+    read_first = encryption_config(READ_FIRST_CONFIG)
+    assert not errors(read_first, ENCRYPTION_CONFIGURATION_V1)
+    (entry,) = read_first["resources"]
+    (final,) = encryption_config()["resources"]
+    assert entry["resources"] == final["resources"]
+    assert entry["providers"] == list(reversed(final["providers"]))
+    assert entry["providers"][0] == {"identity": {}}
 
 
 def plugin_pod(objs: tuple[Obj, ...]) -> tuple[Obj, Obj, PluginConfig]:
@@ -51,6 +64,28 @@ def test_probes_are_healthz_and_readyz_on_the_plugins_http_endpoint(
         # hostNetwork: kubelet probes the node; a loopback-only endpoint needs host 127.0.0.1
         if cfg.metrics_address in ("127.0.0.1", "localhost"):
             assert get.get("host") == "127.0.0.1", probe
+
+
+def test_http_endpoint_binds_loopback_by_default(kms: tuple[Obj, ...]) -> None:
+    _, _, cfg = plugin_pod(kms)
+    assert cfg.metrics_address == "127.0.0.1"
+
+
+BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity_bytes(text: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", text)
+    assert match, f"unexpected memory quantity {text!r}"
+    return int(match.group(1)) * BINARY_UNITS[match.group(2)]
+
+
+def test_static_pod_requests_the_memory_the_plugin_uses(kms: tuple[Obj, ...]) -> None:
+    # resident memory is ~58 MiB idle and after a decrypt storm (docs/benchmarks.md)
+    _, c, _ = plugin_pod(kms)
+    request = quantity_bytes(c["resources"]["requests"]["memory"])
+    assert request >= 64 * 2**20
+    assert quantity_bytes(c["resources"]["limits"]["memory"]) >= request
 
 
 def test_socket_and_keyring_live_on_host_paths(kms: tuple[Obj, ...]) -> None:
@@ -121,5 +156,7 @@ def test_operations_doc_mounts_the_socket_directory_into_kube_apiserver(
     _, _, cfg = plugin_pod(kms)
     text = (DEPLOY.parent / "docs" / "operations.md").read_text()
     socket_dir = posixpath.dirname(unix_path(cfg.endpoint))
-    assert f"path: {socket_dir}" in text and f"mountPath: {socket_dir}" in text
+    # the kubeadm ClusterConfiguration and the RKE2 config of the guide mount it
+    assert f"hostPath: {socket_dir}" in text and f"mountPath: {socket_dir}" in text
+    assert f"- {socket_dir}:{socket_dir}" in text
     assert "--encryption-provider-config=/etc/kubernetes/enc/encryption-config.yaml" in text

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 from csi_lvm.config import DEFAULT_DRIVER_NAME, CsiConfig, Mode
 from csi_lvm.params import check_snapshot_params, parse_volume_params
 from node_resource_manager.config import DEFAULT_GATE_KEY, NrmConfig
-from tests.deploy.commands import expanded_argv, is_ours, our_config
+from tests.deploy.commands import FIELD_VALUES, exec_config, expanded_argv, is_ours, our_config
 from tests.deploy.manifests import (
     DEPLOY,
     ROOT,
@@ -115,6 +117,35 @@ def test_examples_use_the_storage_class_and_the_drivers_default_vg(kubectl: str)
     topology = yaml.safe_load(cm["data"][str(nrm_default("configmap_key"))])
     entries = topology["volumegroup"] if isinstance(topology, dict) else topology
     assert [e["name"] for e in entries] == [CsiConfig(node_id="n").default_vg]
+
+
+def example_topology() -> str:
+    cm = yaml.safe_load((DEPLOY / "examples" / "node-resource-topo.yaml").read_text())
+    return str(cm["data"][str(nrm_default("configmap_key"))])
+
+
+def test_example_topology_names_devices_that_match_no_disk_and_says_so() -> None:
+    topology = yaml.safe_load(example_topology())
+    devices = [d for e in topology["volumegroup"] for d in e["topology"]["devices"]]
+    assert devices and all(d.startswith("/dev/disk/by-id/REPLACE-ME") for d in devices)
+    for file in (DEPLOY / "examples" / "node-resource-topo.yaml",
+                 DEPLOY / "examples" / "kustomization.yaml",
+                 DEPLOY / "overlays" / "example" / "kustomization.yaml"):
+        assert "REPLACE-ME" in file.read_text(), f"{rel(file)} does not tell to replace them"
+
+
+def test_example_topology_applied_as_is_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    topo = tmp_path / "topology.yaml"
+    topo.write_text(example_topology())
+    labels = f"{DEFAULT_GATE_KEY}=true,kubernetes.io/storagetype=lvm"
+    result = subprocess.run(
+        [sys.executable, "-m", "node_resource_manager", "--node-name", "edge-1",
+         "--topology-file", str(topo), "--node-labels", labels, "--dry-run", "--no-log-json",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert result.returncode == 2, result.stdout + result.stderr  # devices refused
+    assert "/dev/disk/by-id/REPLACE-ME-1 does not exist" in result.stdout
+    assert "nothing is changed" in result.stdout
 
 
 # ------------------------------------------------------------------------------ sockets
@@ -254,7 +285,7 @@ def test_provisioner_runs_in_node_deployment_mode_with_capacity(base: tuple[Obj,
     for required in ("--node-deployment", "--enable-capacity", "--strict-topology",
                      "--extra-create-metadata"):
         assert has_flag(prov, required), required
-    assert flag(prov, "--feature-gates") == "Topology=true"
+    assert not has_flag(prov, "--feature-gates")  # Topology is GA: on without a gate
     assert flag(prov, "--capacity-ownerref-level") == "1"  # the DaemonSet owns the capacities
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in prov["env"]}
     assert env == {"NODE_NAME": "spec.nodeName", "NAMESPACE": "metadata.namespace",
@@ -277,6 +308,24 @@ def test_both_lvm_users_run_the_same_lvm_and_nsenter_has_the_host_pid_namespace(
                 for n in ("csi-lvm", "node-resource-manager")}
     assert commands == {True}
     assert pod_spec(ds)["hostPID"] is True
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_kubectl_exec_sees_the_same_node_and_lvm_as_the_containers_process(
+    kubectl: str, directory: Path
+) -> None:
+    ds = node_ds(render(directory))
+    agent = container(ds, "node-resource-manager")
+    running = our_config(agent)
+    # kubectl -n kube-system exec POD -c node-resource-manager -- node-resource-manager --dry-run
+    execd = exec_config(agent, "node-resource-manager", "--dry-run")
+    assert execd.node_name == running.node_name == FIELD_VALUES["spec.nodeName"]
+    for name in ("lvm_command", "lvm_config", "lvm_extra_args", "dev_dir", "mount_namespace"):
+        assert getattr(execd, name) == getattr(running, name), f"exec'd {name} differs"
+    plugin = container(ds, "csi-lvm")
+    execd = exec_config(plugin, "csi-lvm", "--endpoint=unix:///tmp/x.sock", "--node-id=n")
+    running = our_config(plugin)
+    assert (execd.lvm_command, execd.lvm_config) == (running.lvm_command, running.lvm_config)
 
 
 def test_container_lvm_overlay_shares_lvm_state_between_both_lvm_users(kubectl: str) -> None:
@@ -312,17 +361,37 @@ def test_probes_hit_declared_ports_and_host_ports_do_not_collide(
         ports = [p for c in containers(workload) for p in c.get("ports", [])]
         numbers = [p["containerPort"] for p in ports]
         assert len(numbers) == len(set(numbers)), f"{workload['metadata']['name']}: {numbers}"
-        by_name = {p["name"]: p["containerPort"] for p in ports if "name" in p}
         for c in containers(workload):
-            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                http = c.get(probe, {}).get("httpGet")
-                if http is None:
-                    continue
-                port = http["port"]
-                if isinstance(port, str):
-                    assert port in by_name, f"{c['name']} {probe}: no port named {port}"
-                elif not spec.get("hostNetwork"):
+            for probe, port in probe_ports(c):
+                if isinstance(port, str):  # kubelet resolves a name in the probed container
+                    assert port in own_ports(c), f"{c['name']} {probe}: no port named {port}"
+                elif not spec.get("hostNetwork"):  # on the host network a number is enough
                     assert port in numbers, f"{c['name']} {probe}: port {port} undeclared"
+
+
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+
+
+def own_ports(c: Obj) -> dict[str, int]:
+    """The container's own named ports: the only names kubelet resolves for its probes."""
+    return {p["name"]: p["containerPort"] for p in c.get("ports", []) if "name" in p}
+
+
+def probe_ports(c: Obj) -> list[tuple[str, int | str]]:
+    return [(probe, c[probe]["httpGet"]["port"]) for probe in PROBES
+            if "httpGet" in c.get(probe, {})]
+
+
+def probe_port_number(c: Obj, port: int | str) -> int:
+    return own_ports(c)[port] if isinstance(port, str) else port
+
+
+def test_a_pod_wide_port_map_would_miss_a_name_declared_by_another_container() -> None:
+    # the mistake this test file once made: a name declared by a sidecar is not the plugin's
+    plugin = {"name": "p", "readinessProbe": {"httpGet": {"port": "probe"}}}
+    sidecar = {"name": "s", "ports": [{"name": "probe", "containerPort": 9797}]}
+    pod_wide = {**own_ports(plugin), **own_ports(sidecar)}
+    assert "probe" in pod_wide and "probe" not in own_ports(plugin)
 
 
 def test_our_metrics_endpoints_listen_on_their_declared_ports(base: tuple[Obj, ...]) -> None:
@@ -341,14 +410,137 @@ def test_plugin_readiness_is_the_csi_probe_and_liveness_is_its_own_endpoint(
 ) -> None:
     ds = node_ds(base)
     plugin = container(ds, "csi-lvm")
-    probe_port = flag(container(ds, "livenessprobe"), "--http-endpoint")
-    ports = {p["name"]: p["containerPort"] for c in containers(ds) for p in c.get("ports", [])}
-    assert probe_port == f":{ports[plugin['readinessProbe']['httpGet']['port']]}"
-    own = int(our_config(plugin).metrics_address.rpartition(":")[2])
-    assert ports[plugin["livenessProbe"]["httpGet"]["port"]] == own
+    sidecar = container(ds, "livenessprobe")
+    readiness = probe_port_number(plugin, plugin["readinessProbe"]["httpGet"]["port"])
+    assert listen_address(sidecar) == ("127.0.0.1", readiness)
+    assert readiness in own_ports(sidecar).values()
+    liveness = probe_port_number(plugin, plugin["livenessProbe"]["httpGet"]["port"])
+    assert listen_address(plugin) == ("127.0.0.1", liveness)
     registrar = container(ds, "node-driver-registrar")
-    assert flag(registrar, "--http-endpoint") == (
-        f":{ports[registrar['livenessProbe']['httpGet']['port']]}")
+    port = probe_port_number(registrar, registrar["livenessProbe"]["httpGet"]["port"])
+    assert listen_address(registrar) == ("127.0.0.1", port)
+
+
+def listen_address(c: Obj) -> tuple[str, int] | None:
+    """(host, port) a container's HTTP endpoint binds, as its process sees the flag."""
+    if is_ours(c):
+        address = our_config(c).metrics_address
+    else:
+        argv = expanded_argv(c)
+        address = flag({"args": argv}, "--http-endpoint") or flag({"args": argv},
+                                                                  "--metrics-address")
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_host_network_http_endpoints_bind_loopback_or_by_option_the_node_ip(
+    kubectl: str, directory: Path
+) -> None:
+    on_node_ip = directory.name == "metrics-on-node-ip"
+    for workload in pod_workloads(render(directory)):
+        if not pod_spec(workload).get("hostNetwork"):
+            continue
+        for c in containers(workload):
+            bound = listen_address(c)
+            if bound is None:
+                continue
+            expected = FIELD_VALUES["status.hostIP"] if on_node_ip else "127.0.0.1"
+            assert bound[0] == expected, f"{rel(directory)} {c['name']} binds {bound}"
+            for probe, port in probe_ports(c):
+                host = c[probe]["httpGet"].get("host")
+                # no host: kubelet probes the pod IP, which is the node IP on hostNetwork
+                assert host == (None if on_node_ip else "127.0.0.1"), f"{c['name']} {probe}"
+                assert probe_port_number(c, port) in {
+                    p for other in containers(workload) if listen_address(other)
+                    for p in [listen_address(other)[1]]}, f"{c['name']} {probe}: nobody listens"
+
+
+# ------------------------------------------------------------------------------ sidecars
+
+# The current release of each sidecar and the flags its command accepts at that tag, read from
+# the published sources (cmd/*/main.go and the vendored csi-lib-utils standardflags) of
+# github.com/kubernetes-csi/<repo>. Feature gates that are GA in that release are listed so
+# that a manifest never passes one (a GA gate is locked on and is removed in a later release).
+STANDARD_FLAGS = {"csi-address", "http-endpoint", "kube-api-burst", "kube-api-qps", "kubeconfig",
+                  "leader-election", "leader-election-labels", "leader-election-lease-duration",
+                  "leader-election-namespace", "leader-election-renew-deadline",
+                  "leader-election-retry-period", "metrics-address", "metrics-path", "version"}
+SIDECARS: dict[str, tuple[str, set[str], set[str]]] = {
+    "csi-provisioner": ("v6.3.0", STANDARD_FLAGS | {
+        "automaxprocs", "capacity-for-immediate-binding", "capacity-ownerref-level",
+        "capacity-poll-interval", "capacity-threads", "cloning-protection-threads",
+        "controller-publish-readonly", "default-fstype", "enable-capacity", "enable-pprof",
+        "extra-create-metadata", "feature-gates", "immediate-topology",
+        "kube-api-capacity-burst", "kube-api-capacity-qps", "node-deployment",
+        "node-deployment-base-delay", "node-deployment-immediate-binding",
+        "node-deployment-max-delay", "prevent-volume-mode-conversion", "retry-interval-max",
+        "retry-interval-start", "snapshot-orphan-sweep-interval", "strict-topology", "timeout",
+        "volume-name-prefix", "volume-name-uuid-length", "worker-threads"},
+        {"Topology", "VolumeAttributesClass"}),
+    "csi-snapshotter": ("v8.6.0", STANDARD_FLAGS | {
+        "automaxprocs", "extra-create-metadata", "feature-gates", "groupsnapshot-name-prefix",
+        "groupsnapshot-name-uuid-length", "node-deployment", "prevent-volume-mode-conversion",
+        "resync-period", "retry-crd-interval-max", "retry-interval-max", "retry-interval-start",
+        "snapshot-name-prefix", "snapshot-name-uuid-length", "timeout", "worker-threads"},
+        set()),
+    "csi-resizer": ("v2.2.1", STANDARD_FLAGS | {
+        "automaxprocs", "extra-modify-metadata", "feature-gates", "handle-volume-inuse-error",
+        "resync-period", "retry-interval-max", "retry-interval-start", "timeout", "workers"},
+        set()),
+    "csi-node-driver-registrar": ("v2.17.0", {
+        "automaxprocs", "connection-timeout", "csi-address", "enable-pprof", "health-port",
+        "http-endpoint", "kubelet-registration-path", "mode", "plugin-registration-path",
+        "timeout", "version"}, set()),
+    "livenessprobe": ("v2.19.0", {
+        "automaxprocs", "csi-address", "health-port", "http-endpoint", "metrics-address",
+        "metrics-path", "probe-timeout"}, set()),
+}
+# sidecars that call the driver with a per-call --timeout (the registrar and livenessprobe
+# only call GetPluginInfo/Probe)
+CALLS_THE_DRIVER = ("csi-provisioner", "csi-snapshotter", "csi-resizer")
+
+
+def sidecars(objs: tuple[Obj, ...]) -> list[tuple[Obj, Obj]]:
+    return [(w, c) for w in pod_workloads(objs) for c in containers(w)
+            if c["image"].startswith(SIDECAR_REGISTRY)]
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_sidecars_are_current_releases_and_pass_only_flags_they_have(
+    kubectl: str, directory: Path
+) -> None:
+    seen = set()
+    for _, c in sidecars(render(directory)):
+        name, _, tag = c["image"].removeprefix(SIDECAR_REGISTRY).partition(":")
+        release, known, ga_gates = SIDECARS[name]
+        seen.add(name)
+        assert tag == release, f"{name}:{tag}, current release is {release}"
+        for arg in c.get("args", []):
+            assert arg.startswith("--"), f"{name}: {arg}"
+            key = arg[2:].partition("=")[0]
+            assert key in known, f"{name} {release} has no flag --{key}"
+        gates = (flag(c, "--feature-gates") or "").split(",")
+        passed = {g.partition("=")[0] for g in gates if g}
+        assert not passed & ga_gates, f"{name}: GA feature gates passed: {passed & ga_gates}"
+    assert {"csi-provisioner", "csi-node-driver-registrar", "livenessprobe"} <= seen
+
+
+@pytest.mark.parametrize("directory", STORAGE_DIRS, ids=rel)
+def test_sidecar_timeouts_outlast_the_drivers_own_lvm_timeout(
+    kubectl: str, directory: Path
+) -> None:
+    objs = render(directory)
+    lvm_timeout = our_config(container(node_ds(objs), "csi-lvm")).lvm_timeout_seconds
+    for _, c in sidecars(objs):
+        if c["name"] not in CALLS_THE_DRIVER:
+            continue
+        timeout = flag(c, "--timeout")
+        assert timeout is not None and timeout.endswith("s"), f"{c['name']}: {timeout}"
+        # a sidecar that gives up first retries a call whose LVM command is still running
+        assert float(timeout[:-1]) > lvm_timeout, f"{c['name']} --timeout={timeout}"
 
 
 # ------------------------------------------------------------------------------ images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge_common.kubeapi import ClusterConfig, KubeClient
 from kms_plugin.events import KubeEventNotifier
 from tests.kms.conftest import BackendRig, StartPlugin
 
@@ -11,7 +12,8 @@ from tests.kms.conftest import BackendRig, StartPlugin
 def test_a_disabled_root_key_records_one_warning_event_and_recovery_a_normal_one(
     local_backend_rig: BackendRig, start_plugin: StartPlugin, fake_kube: Any
 ):
-    notifier = KubeEventNotifier(fake_kube.api_client(), "kube-system", "kms-plugin-cp1", "cp1")
+    client = KubeClient(ClusterConfig(server=fake_kube.url))
+    notifier = KubeEventNotifier(client, "kube-system", "kms-plugin-cp1", "cp1")
     rp = start_plugin(local_backend_rig)
     rp.plugin.monitor.notifier = notifier
     local_backend_rig.disable()

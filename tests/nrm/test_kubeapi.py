@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from node_resource_manager.kubeapi import (
+from edge_common.kubeapi import (
     ApiError,
     ClusterConfig,
     KubeClient,

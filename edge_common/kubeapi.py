@@ -1,8 +1,8 @@
-"""A minimal Kubernetes REST client: exactly the calls this agent makes, nothing else.
+"""A minimal Kubernetes REST client: exactly the calls the node agent and the KMS plugin make.
 
 Why not the official ``kubernetes`` package: importing it costs about 37 MB of resident memory
 (every API group and model is loaded up front), more than the rest of the agent together, and
-the agent runs on every storage node. The few calls it needs (get, list, watch, patch, create)
+it is over half of the image's size. The few calls needed (get, list, watch, patch, create)
 are plain HTTP with JSON bodies.
 
 Supported credentials: in-cluster (service-account token re-read on every request, since bound
