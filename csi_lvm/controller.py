@@ -7,9 +7,9 @@ Crash and fault safety (SIGKILL at any point, or a fault inside one LVM command,
 and retry, converges; see csi_lvm/finish.py, facts.py, inuse.py, recovery.py):
 - Every LV is born `unfinished` (tag set by its own lvcreate): LVM commits the metadata before
   it wipes the LV, so a killed lvcreate can leave a tagged LV holding an earlier tenant's
-  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before anyone
-  reads it: the first publish, a snapshot or clone of it, or a CreateVolume retry. A plain
-  CreateVolume stays ONE lvcreate; its first use pays the finishing lvchange.
+  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before it answers
+  (with device-mapper), or before anyone reads it: the first publish, a snapshot or clone of
+  it, or a CreateVolume retry.
 - A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
   volume) creates it `pending` too and removes both tags in one lvchange as its last step.
   A pending LV was never handed out: the retry (or the start-up sweep) removes and redoes it.
@@ -634,12 +634,19 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self._populate(ref, size, plan, source, pool is not None, progress, new_key)
             if plan.pending and self.live:
                 # Filled (copied or zeroed whole) by the driver itself: finished in the same
-                # lvchange that ends `pending`. Plain volumes are finished by their first use.
+                # lvchange that ends `pending`.
                 with lvm_errors(f"finishing {ref}"):
                     self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING, TAG_UNFINISHED])
             elif plan.pending:
                 with lvm_errors(f"finishing {ref}"):
                     self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
+            elif self.live:
+                # _populate made it safe (head and tail zeroed; a thin volume needs nothing):
+                # finished before it is handed out, so whatever is written into it from now on
+                # is never wiped by a first use. Without device-mapper it cannot be made safe
+                # here: its first activation (NodePublishVolume) finishes it.
+                with lvm_errors(f"finishing {ref}"):
+                    self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
 
         def discard() -> None:
             log.warning("filling the new volume failed; removing it")

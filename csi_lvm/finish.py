@@ -6,14 +6,14 @@ bytes, so a kill inside lvcreate (the driver's own timeout, a container kill, po
 leave an LV whose blocks still hold an earlier tenant's data; the tag says so.
 
 The invariant: an LV that carries ``unfinished`` has never been given to a workload, so wiping
-it again always loses nothing. Whoever is about to expose its content finishes it first:
-NodePublishVolume before the first mount or bind, CreateSnapshot and clones before reading it,
-a CreateVolume retry that meets it. Finishing = the driver itself zeroes the head and the tail
-(signatures: partition tables, superblocks, LUKS/RAID headers; through an O_EXCL descriptor, so
-never a device in use), and only then removes the tag. Volumes whose creation must fill them
-(copies, restores, fully zeroed block volumes) are finished by CreateVolume itself together
-with ``pending`` in one lvchange. A plain CreateVolume answers without its own lvchange: the
-first use pays it, which keeps CreateVolume at one LVM process.
+it again always loses nothing. With device-mapper, CreateVolume finishes every LV before it
+answers: the driver itself zeroes the head and the tail (signatures: partition tables,
+superblocks, LUKS/RAID headers; through an O_EXCL descriptor, so never a device in use; a thin
+volume needs nothing), and only then removes the tag - together with ``pending`` for volumes it
+fills (copies, restores, fully zeroed block volumes). So an LV still unfinished is the leftover
+of an interrupted CreateVolume (or one made where device-mapper is missing), and whoever is
+about to expose its content finishes it first: a CreateVolume retry that meets it,
+NodePublishVolume before the first mount or bind, CreateSnapshot and clones before reading it.
 
 Rule for any code that writes into a new LV before its first publish (a copy, a LUKS header):
 drop ``unfinished`` in the lvchange that ends that work (as ``pending`` is), or the first use
