@@ -33,6 +33,9 @@ bench:
 	$(PY) benchmarks/nrm_bench.py --write-docs
 	$(PY) benchmarks/csi_bench.py --write-docs
 	$(PY) benchmarks/kms_bench.py --write-docs
+	$(PY) -m kernel_guest --results-dir test-results/crypt-bench run -- \
+		$(PY) benchmarks/crypt_bench.py --write-docs
+	$(PY) benchmarks/crypt_bench.py --apply test-results/crypt-bench
 
 # The product image (buildah, Debian packages, no registry needed) and its smoke test.
 image:

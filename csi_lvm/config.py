@@ -162,6 +162,18 @@ class CsiConfig:
         "GetSnapshot RPC answers either way): off by default because conformance suites and "
         "sidecars built against older specs reject capabilities they do not know",
     )
+    encryption_backends_file: str = option(
+        "", help="YAML file naming this node's key backends for encrypted volumes (StorageClass "
+        "encrypted: \"true\"; see docs/csi-lvm.md); empty: encrypted volumes are refused",
+        metavar="FILE",
+    )
+    encryption_rewrap_seconds: float = option(
+        3600.0, help="how often open encrypted volumes have their keys re-wrapped under their "
+        "backend's current root key (after a rotation); 0: never", metavar="SECONDS",
+    )
+    cryptsetup_timeout_seconds: float = option(
+        60.0, help="timeout of one cryptsetup command", metavar="SECONDS",
+    )
     max_volumes_per_node: int = option(
         0, help="NodeGetInfo max_volumes_per_node (0: no limit)", metavar="N",
     )
@@ -203,6 +215,9 @@ class CsiConfig:
             raise ValueError("vg_recheck_seconds must not be negative")
         if self.capacity_refresh_seconds <= 0 or self.lvm_timeout_seconds <= 0:
             raise ValueError("capacity_refresh_seconds and lvm_timeout_seconds must be positive")
+        if self.encryption_rewrap_seconds < 0 or self.cryptsetup_timeout_seconds <= 0:
+            raise ValueError("encryption_rewrap_seconds must not be negative and "
+                             "cryptsetup_timeout_seconds must be positive")
 
     @property
     def topology_key(self) -> str:

@@ -47,6 +47,15 @@ from csi_lvm.capacity import (
     thin_refusal,
 )
 from csi_lvm.config import CreateWipe, CsiConfig, Mode
+from csi_lvm.encryption import (
+    CTX_ENCRYPTED,
+    CTX_KEY_BACKEND,
+    NewKey,
+    VolumeEncryption,
+    check_encryption_request,
+    encryption_context,
+    is_encrypted,
+)
 from csi_lvm.facts import snapshot_is_real
 from csi_lvm.jobs import Jobs, Progress
 from csi_lvm.locks import Held, InFlight, thin_pool_key
@@ -84,6 +93,7 @@ from csi_lvm.volume import (
     temporary_lv_name,
     volume_lv_name,
 )
+from csi_lvm.volume_keys import KeyBackends
 from edge_common.devmapper import DmError
 from edge_common.errors import (
     Aborted,
@@ -249,17 +259,20 @@ class Source:
 class Plan:
     method: str  # "plain" | "thin-snapshot" | "copy"
     wipe: str  # "" | "header" | "full"
+    encrypt: bool = False  # write a new LUKS2 header (the old bytes then read as noise)
 
     @property
     def pending(self) -> bool:
-        return self.method != "plain" or self.wipe == "full"
+        return self.method != "plain" or self.wipe == "full" or self.encrypt
 
 
 class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
                  locks: InFlight | None = None,
-                 published: PublishedCapacity | None = None, jobs: Jobs | None = None) -> None:
+                 published: PublishedCapacity | None = None, jobs: Jobs | None = None, *,
+                 encryption: VolumeEncryption | None = None) -> None:
         self.cfg = config
+        self.encryption = encryption or VolumeEncryption(KeyBackends(None))
         self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds)
         self.published = published  # mode controller: what the nodes publish
         self._lvm = lvm
@@ -388,7 +401,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             return self.lvm.get_lv(lv.vg_name, lv.pool_lv)
 
     def _condition(self, lv: LogicalVolume, pool: LogicalVolume | None) -> tuple[bool, str]:
-        return lv_condition(lv, pool, self.thresholds)
+        abnormal, message = lv_condition(lv, pool, self.thresholds)
+        key_problem = self.encryption.problem(f"{lv.vg_name}/{lv.name}")
+        if key_problem:  # an encrypted volume whose key cannot be unwrapped
+            return True, key_problem if not abnormal else f"{message}; {key_problem}"
+        return abnormal, message
 
     @contextlib.contextmanager
     def _thin_room(self, vg: str, pool: str, size: int, replacing: str = "") -> Iterator[None]:
@@ -485,6 +502,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 f"driver uses only its default VG {self.cfg.default_vg!r} and the VGs listed in "
                 "the option allowed_vgs (--allowed-vgs / CSI_LVM_ALLOWED_VGS); add it there to "
                 "use it")
+        if params.encrypted and not source_kind:
+            check_encryption_request(self.encryption, True, params.key_backend, None)
         req = request.accessibility_requirements
         if req.requisite and not any(self._is_here(t) for t in req.requisite):
             raise ResourceExhausted(
@@ -526,6 +545,11 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if source is not None and source.kind == KIND_VOLUME and source.own.unfinished:
             self._finish(source.ref, source.lv)  # a clone must not copy foreign data
         ctx = params.context(ref.lv)
+        key_backend = check_encryption_request(self.encryption, params.encrypted,
+                                               params.key_backend,
+                                               source.own.context if source else None)
+        if key_backend:
+            ctx.update({CTX_ENCRYPTED: "true", CTX_KEY_BACKEND: key_backend})
         source_tag = source.tag if source else ""
 
         stripes = None
@@ -571,6 +595,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         # Idempotency: the derived name is the key.
         plan = self._plan(params, caps, source, pool is not None and pool.pool.attr.zeroing)
+        if key_backend and source is None:
+            plan = Plan(plan.method, "", encrypt=True)
         if plan.pending:
             found = self._get(ref)
             if found is not None:
@@ -578,6 +604,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 if vol is not None:
                     return vol
                 self._discard_pending(ref, source)
+        new_key = self.encryption.prepare(key_backend) if plan.encrypt else None
         tags = build_tags(self.cfg.driver_name, kind=KIND_VOLUME, csi_name=name,
                           created=int(time.time()), size=size, source=source_tag, context=ctx,
                           pending=plan.pending)
@@ -604,7 +631,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                                           "method": plan.method})
 
         def fill(progress: Progress | None = None) -> None:
-            self._populate(ref, size, plan, source, pool is not None, progress)
+            self._populate(ref, size, plan, source, pool is not None, progress, new_key)
             if plan.pending and self.live:
                 # Filled (copied or zeroed whole) by the driver itself: finished in the same
                 # lvchange that ends `pending`. Plain volumes are finished by their first use.
@@ -702,7 +729,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
         try:
             with lvm_errors(f"finishing {ref}"):
-                finish.finish(self.lvm, ref, lv.size)
+                finish.finish(self.lvm, ref, lv.size, thin=lv.is_thin)
         except blockdev.DeviceBusy as exc:
             raise FailedPrecondition(f"volume {ref} was never finished and is in use: "
                                      f"{exc}") from exc
@@ -736,12 +763,16 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                           stripe_size=params.stripe_size, thin_pool=params.thin_pool)
 
     def _populate(self, ref: LvRef, size: int, plan: Plan, source: Source | None,
-                  thin: bool, progress: Progress | None = None) -> None:
+                  thin: bool, progress: Progress | None = None,
+                  new_key: NewKey | None = None) -> None:
         if not self.live:
             if plan.wipe or plan.method != "plain":
                 log.info("no device-mapper: the LV is inactive and cannot be written here")
             return
         path = ref.device_path
+        if new_key is not None:
+            blockdev.wait_for_device(path)
+            self.encryption.format(ref.id, path, new_key)
         if plan.method == "thin-snapshot":
             with lvm_errors(f"activating {ref}"):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
@@ -868,7 +899,12 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise ServiceError(
                 f"volume {ref} has copy-on-write snapshots; delete them first",
                 grpc.StatusCode.FAILED_PRECONDITION)
+        if is_encrypted(own.context):
+            # A mapping left open by a crash, used by nothing, is not "in use".
+            self.encryption.close_idle(ref.id)
         self._refuse_in_use(ref)
+        if is_encrypted(own.context):
+            self._crypto_erase(ref, lv)  # before any wipe: the extents are noise from here
         wipe = own.context.get(P_WIPE, "none")
         wiping = wipe != "none" and not own.pending and not own.unfinished
 
@@ -927,14 +963,31 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             raise FailedPrecondition(f"volume {ref} is in use ({usage.describe()}); unpublish "
                                      "it and stop what uses it, then retry")
 
+    def _writable(self, ref: LvRef, lv: LogicalVolume, doing: str) -> bool:
+        """Activate the LV for a last write before lvremove; False without device-mapper."""
+        if not self.live:
+            log.warning("no device-mapper: the LV cannot be written before removal",
+                        extra={"skipped": doing})
+            return False
+        if not lv.is_active:
+            with lvm_errors(f"activating {ref} to {doing}"):
+                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
+        return True
+
+    def _crypto_erase(self, ref: LvRef, lv: LogicalVolume) -> None:
+        """Key slots, key token and header zeroed before lvremove: the extents keep noise."""
+        if not self._writable(ref, lv, "erase its key"):
+            return
+        try:
+            blockdev.wait_for_device(ref.device_path)
+        except blockdev.BlockDeviceError as exc:
+            raise Internal(f"erasing the key of {ref}: {exc}") from exc
+        self.encryption.crypto_erase(ref.id, ref.device_path, lv.size)
+
     def _wipe(self, ref: LvRef, lv: LogicalVolume, how: str,
               progress: Progress | None = None) -> None:
-        if not self.live:
-            log.warning("no device-mapper: cannot wipe the data before removal")
+        if not self._writable(ref, lv, "wipe the data"):
             return
-        if not lv.is_active:
-            with lvm_errors(f"activating {ref} to wipe it"):
-                self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
         try:
             blockdev.wait_for_device(ref.device_path)
             if how == "discard" or lv.is_thin:
@@ -1001,8 +1054,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 log.info("volume expanded", extra={"size": size})
             else:
                 size = lv.size
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size,
-                                                      node_expansion_required=not block)
+        # An encrypted block volume still needs the node: its dm-crypt mapping grows there.
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=size, node_expansion_required=not block or is_encrypted(own.context))
 
     def _check_published(self, volume_id: str, size: int) -> None:
         if self.published is None:
@@ -1200,8 +1254,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             if origin_own.unfinished:
                 self._finish(src, origin)  # a snapshot must not capture foreign data
             created = int(time.time())
+            # A snapshot of an encrypted volume is encrypted too (the same LUKS2 header).
             tags = build_tags(self.cfg.driver_name, kind=KIND_SNAPSHOT, csi_name=name,
-                              created=created, size=origin.size, source=source_tag)
+                              created=created, size=origin.size, source=source_tag,
+                              context=encryption_context(origin_own.context))
             cow: int | None = None
             if not origin.is_thin:
                 if not self.live:

@@ -52,6 +52,8 @@ from csi_lvm.capabilities import DEFAULT_FS_TYPE, capability_error, is_block, mo
 from csi_lvm.capacity import PoolThresholds, thin_refusal
 from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
+from csi_lvm.cryptsetup import mapper_path
+from csi_lvm.encryption import VolumeEncryption, is_encrypted, mapper_name
 from csi_lvm.finish import finish as finish_volume
 from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.mounter import (
@@ -73,6 +75,7 @@ from csi_lvm.volume import (
     resolve_volume,
     split_mount_options,
 )
+from csi_lvm.volume_keys import KeyBackends
 from edge_common.errors import (
     Aborted,
     AlreadyExists,
@@ -189,7 +192,7 @@ class LvmVolumes:
                           lv.is_thin, unfinished, lv.pool_lv or "")
 
     def finish(self, volume: NodeVolume) -> NodeVolume:
-        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size)
+        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size, thin=volume.thin)
         if self.on_change is not None:
             self.on_change()
         return replace(volume, unfinished=False)
@@ -368,6 +371,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volumes: VolumeBackend | None = None,
         mounter: Mounter | None = None,
         on_lvm_change: Callable[[], None] | None = None,
+        encryption: VolumeEncryption | None = None,
     ) -> None:
         if volumes is None:
             if lvm is None:
@@ -381,6 +385,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self.volumes = volumes
         self.locks = locks or InFlight()
         self.mounter = mounter or Mounter()
+        self.encryption = encryption or VolumeEncryption(KeyBackends(None))
 
     def register(self, server: grpc.Server) -> None:
         csi_pb2_grpc.add_NodeServicer_to_server(self, server)
@@ -415,6 +420,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             if _rdev(vol.device_path) is None:
                 raise Internal(f"{vol.device_path} is not a block device")
         return vol
+
+    @staticmethod
+    def _crypt_view(vol: NodeVolume) -> NodeVolume:
+        """An encrypted volume as its users see it: the dm-crypt mapping, not the LV."""
+        if not is_encrypted(vol.context):
+            return vol
+        return replace(vol, device_path=mapper_path(mapper_name(vol.volume_id)))
+
+    def _in_use(self, device: str) -> bool:
+        return bool(self.mounter.filesystem_mounts(device) or self.mounter.device_binds(device))
 
     def _finish(self, vol: NodeVolume) -> NodeVolume:
         """Its first use: wipe what an interrupted creation may have left, then mark it done."""
@@ -453,10 +468,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             vol = self._active(self._volume(volume_id))
             if vol.unfinished:
                 vol = self._finish(vol)
-            if is_block(cap):
-                self._publish_block(vol, target, mode, read_only)
-            else:
-                self._publish_mount(vol, target, cap, mode, read_only, options)
+            encrypted = is_encrypted(vol.context)
+            if encrypted:
+                vol = replace(vol, device_path=self.encryption.open(volume_id, vol.device_path))
+            try:
+                if is_block(cap):
+                    self._publish_block(vol, target, mode, read_only)
+                else:
+                    self._publish_mount(vol, target, cap, mode, read_only, options)
+            except BaseException:
+                if encrypted:
+                    self.encryption.close_if_unused(volume_id, self._in_use)
+                raise
         return csi_pb2.NodePublishVolumeResponse()
 
     def _one_target_only(self, mode: int, target: str, others: list[MountEntry]) -> None:
@@ -673,6 +696,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             except MountError as exc:
                 raise Internal(str(exc)) from None
             self._remove_target(target)
+            self.encryption.close_if_unused(volume_id, self._in_use)
             log.info("unpublished volume", extra={"unmounted": removed})
         return csi_pb2.NodeUnpublishVolumeResponse()
 
@@ -706,6 +730,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with log_context(volume_id=volume_id):
             path, st = _existing_path(request.volume_path)
             vol = self._lookup(volume_id)
+            vol = self._crypt_view(vol) if vol is not None else None
             entry = self.mounter.find(path)
             block = stat.S_ISBLK(st.st_mode)
             if vol is None:
@@ -718,6 +743,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 problem = f"the LV of volume {volume_id} is not active"
             elif vol.problem:
                 problem = vol.problem
+            key_problem = self.encryption.problem(volume_id)
+            if key_problem:
+                problem = f"{problem}; {key_problem}" if problem else key_problem
             rdev = _rdev(vol.device_path)
             if block:
                 # The device node itself is the proof (the path may be a symlink to the bind).
@@ -777,6 +805,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
         with log_context(volume_id=volume_id), self.locks.hold(_lock_key(volume_id)):
             vol = self._volume(volume_id)
+            lv_device = vol.device_path
+            vol = self._crypt_view(vol)
             path, st = _existing_path(request.volume_path)
             block = stat.S_ISBLK(st.st_mode)
             if cap is not None and is_block(cap) != block:
@@ -797,6 +827,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 vol = self.volumes.extend(vol, required, limit)
             except LvmError as exc:
                 raise _lvm_error(exc) from None
+            if is_encrypted(vol.context):
+                self.encryption.resize(volume_id, lv_device)
             if not block:
                 assert entry is not None
                 if entry.read_only or entry.super_read_only:
@@ -808,9 +840,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 except filesystem.FilesystemError as exc:
                     raise Internal(str(exc)) from None
             try:
-                capacity = block_device_size(vol.device_path)
+                # The LV's size, as the controller reports it (an encrypted volume's mapping
+                # is its LUKS2 header smaller).
+                capacity = block_device_size(lv_device)
             except OSError as exc:
-                raise Internal(f"cannot read the size of {vol.device_path}: {exc}") from None
+                raise Internal(f"cannot read the size of {lv_device}: {exc}") from None
             log.info("expanded volume", extra={"capacity_bytes": capacity, "block": block})
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity)
 

@@ -11,6 +11,10 @@ StorageClass parameters:
     mkfsOptions   extra mkfs arguments, shell-quoted ("-E lazy_itable_init=0 -m 1")
     mountOptions  extra mount options, comma-separated ("noatime,discard")
     wipeOnDelete  none | discard | zero (default: the configured delete_wipe)
+    encrypted     "true": a LUKS2 (dm-crypt) volume, its key wrapped by a node key backend;
+                  "false" (default)
+    encryptionKeyBackend  encrypted only: the name of a key backend configured on the node
+                  (default: the node's default backend)
 Keys under csi.storage.k8s.io/ (added by the sidecars) are accepted and ignored. Any other key
 is refused, so a typo never silently falls back to a default.
 
@@ -45,9 +49,11 @@ P_MKFS = "mkfsOptions"
 P_MOUNT = "mountOptions"
 P_WIPE = "wipeOnDelete"
 P_SNAPSHOT_SIZE = "snapshotSize"
+P_ENCRYPTED = "encrypted"
+P_KEY_BACKEND = "encryptionKeyBackend"
 
 VOLUME_KEYS = frozenset({P_VG, P_LVM_TYPE, P_STRIPES, P_STRIPE_SIZE, P_THIN_POOL, P_FS_TYPE,
-                         P_MKFS, P_MOUNT, P_WIPE})
+                         P_MKFS, P_MOUNT, P_WIPE, P_ENCRYPTED, P_KEY_BACKEND})
 SNAPSHOT_KEYS = frozenset({P_SNAPSHOT_SIZE})
 MAX_OPTIONS_LEN = 512
 
@@ -86,6 +92,8 @@ class VolumeParams:
     mkfs_options: str
     mount_options: str
     wipe_on_delete: str
+    encrypted: bool = False
+    key_backend: str = ""  # as the StorageClass names it ("" = the node's default)
 
     def context(self, lv: str) -> dict[str, str]:
         """The volume_context handed to the node (only non-empty values)."""
@@ -175,7 +183,24 @@ def parse_volume_params(
     wipe = parameters.get(P_WIPE, "") or default_wipe
     if wipe not in WIPE_CHOICES:
         raise InvalidArgument(f"{P_WIPE}: {wipe!r} is not one of {', '.join(WIPE_CHOICES)}")
-    return VolumeParams(vg, lvm_type, stripes, stripe_size, thin_pool, fs_type, mkfs, mount, wipe)
+    encrypted = parse_bool(parameters.get(P_ENCRYPTED, ""), P_ENCRYPTED)
+    key_backend = parameters.get(P_KEY_BACKEND, "")
+    if key_backend and not encrypted:
+        raise InvalidArgument(f"{P_KEY_BACKEND} applies to {P_ENCRYPTED}: \"true\" only")
+    if key_backend and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", key_backend):
+        raise InvalidArgument(f"{P_KEY_BACKEND}: {key_backend!r} is not a backend name")
+    return VolumeParams(vg, lvm_type, stripes, stripe_size, thin_pool, fs_type, mkfs, mount, wipe,
+                        encrypted, key_backend)
+
+
+def parse_bool(text: str, what: str) -> bool:
+    """Kubernetes-style booleans: "true" / "false" (any case), empty = false."""
+    value = text.strip().lower()
+    if value in ("", "false"):
+        return False
+    if value == "true":
+        return True
+    raise InvalidArgument(f"{what}: {text!r} is not \"true\" or \"false\"")
 
 
 def parse_snapshot_size(parameters: Mapping[str, str], origin_size: int, extent: int,

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry
 from csi_lvm.capacity import CapacityCache, LvmCollector, PoolThresholds
 from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
+from csi_lvm.cryptsetup import Cryptsetup
+from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.identity import Identity
 from csi_lvm.jobs import Jobs
 from csi_lvm.locks import InFlight
@@ -19,6 +21,8 @@ from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.published import PublishedCapacity
 from csi_lvm.recovery import SweepMetrics, sweep
+from csi_lvm.rewrap import RewrapLoop
+from csi_lvm.volume_keys import BackendsFileError, KeyBackends, load_backends_file
 from edge_common.lvm import Lvm, LvmError, LvmSettings
 from edge_common.metrics import HealthChecks, MetricsServer, parse_host_port
 from edge_common.server import GrpcServer, RpcMetrics
@@ -67,15 +71,22 @@ class Driver:
                 PoolThresholds.of(config),
                 recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
-            self.pool_watch = PoolWatch(make_sink(config), config.thin_overprovision_ratio,
+            self.events = make_sink(config)  # pool warnings and start-up repairs
+            self.pool_watch = PoolWatch(self.events, config.thin_overprovision_ratio,
                                         PoolThresholds.of(config), config.node_id)
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
+        self.encryption = build_encryption(config, self.registry)
+        self.rewrap: RewrapLoop | None = None
+        if self.lvm is not None:
+            self.rewrap = RewrapLoop(self.encryption, self.lvm, config.driver_name,
+                                     config.encryption_rewrap_seconds, self.locks)
         self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
                          self.registry if config.mode is Mode.ALL else None)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
-                                     published_capacity(config), self.jobs)
+                                     published_capacity(config), self.jobs,
+                                     encryption=self.encryption)
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),
@@ -84,7 +95,7 @@ class Driver:
         if config.mode is Mode.ALL:
             assert self.lvm is not None and self.cache is not None
             node = NodeService(config, self.lvm, locks=self.locks,
-                               on_lvm_change=self.cache.invalidate)
+                               on_lvm_change=self.cache.invalidate, encryption=self.encryption)
             self.node = node
             register.append(node.register)
         self.server = GrpcServer(
@@ -98,7 +109,10 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics)
+            sink = self.events
+            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics,
+                          events=lambda reason, message, warning: sink.event(
+                              reason, message, warning=warning))
             if swept.removed or swept.repaired or swept.failed:
                 log.info("start-up sweep", extra={"removed": swept.removed,
                                                   "repaired": swept.repaired,
@@ -108,6 +122,8 @@ class Driver:
             except LvmError as exc:
                 log.warning("lvm report failed at start-up", extra={"error": exc.message})
             self.cache.start()
+        if self.rewrap is not None:
+            self.rewrap.start()
         if self.config.metrics_address:
             host, port = parse_host_port(self.config.metrics_address)
             checks = HealthChecks(ready={"lvm": self.identity.readiness})
@@ -120,6 +136,7 @@ class Driver:
 
     def stop(self, grace: float = 10.0) -> None:
         self.server.stop(grace)
+        self._stop_encryption()
         if self.cache is not None:
             self.cache.stop()
         if self.metrics is not None:
@@ -129,8 +146,28 @@ class Driver:
         self.start()
         self.server.run_until_signal(on_stop=self._after_stop)
 
+    def _stop_encryption(self) -> None:
+        if self.rewrap is not None:
+            self.rewrap.stop()
+        self.encryption.backends.close()
+
     def _after_stop(self) -> None:
+        self._stop_encryption()
         if self.cache is not None:
             self.cache.stop()
         if self.metrics is not None:
             self.metrics.stop()
+
+
+def build_encryption(config: CsiConfig,
+                     registry: CollectorRegistry | None = None) -> VolumeEncryption:
+    """The node's key backends (from encryption_backends_file) and cryptsetup."""
+    spec = None
+    if config.encryption_backends_file:
+        try:
+            spec = load_backends_file(config.encryption_backends_file)
+        except BackendsFileError as exc:
+            raise ValueError(str(exc)) from None
+    return VolumeEncryption(KeyBackends(spec),
+                            Cryptsetup(timeout=config.cryptsetup_timeout_seconds),
+                            metrics=KeyMetrics(registry) if registry is not None else None)

@@ -29,6 +29,13 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "dm-mod",
     "dm-thin-pool",
     "dm-snapshot",
+    # Encrypted volumes: dm-crypt with AES-XTS, and the AF_ALG sockets cryptsetup uses for
+    # its key slots (AES and CBC are built into Debian's kernel).
+    "dm-crypt",
+    "xts",
+    "ecb",
+    "af_alg",
+    "algif_skcipher",
 )
 
 SIGNATURE_MAGIC = b"~Module signature appended~\n"

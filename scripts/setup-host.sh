@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # buildah + mmdebstrap: `make image` (daemonless build from Debian packages, no registry);
 # containerd + runc: the image stage imports the image and runs the guide's `ctr` commands.
-APT_PACKAGES=(lvm2 e2fsprogs xfsprogs btrfs-progs util-linux mount softhsm2 opensc
+APT_PACKAGES=(lvm2 cryptsetup-bin e2fsprogs xfsprogs btrfs-progs util-linux mount softhsm2 opensc
               qemu-system-x86 python3 python3-venv make ca-certificates kmod procps strace
               buildah mmdebstrap containerd runc)
 

@@ -96,11 +96,17 @@ def volume_capability(access_type: str = "mount", mode: Any = Mode.SINGLE_NODE_W
                                     access_mode=Mode(mode=mode))
 
 
+#: csi-sanity's --csi.testvolumeparameters: StorageClass parameters it adds to every
+#: CreateVolume request (a module sets them, e.g. {"encrypted": "true"}, and clears them).
+TEST_VOLUME_PARAMETERS: dict[str, str] = {}
+
+
 def create_volume_req(name: str, *, required: int | None = TEST_VOLUME_SIZE,
                       limit: int | None = None, access_type: str = "mount",
                       parameters: dict[str, str] | None = None) -> Any:
     req = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[
-        volume_capability(access_type)], parameters=parameters or {})
+        volume_capability(access_type)], parameters={**TEST_VOLUME_PARAMETERS,
+                                                     **(parameters or {})})
     if required is not None or limit is not None:
         req.capacity_range.CopyFrom(csi_pb2.CapacityRange(required_bytes=required or 0,
                                                           limit_bytes=limit or 0))

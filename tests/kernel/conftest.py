@@ -136,6 +136,12 @@ def scrub_disks(lvm: Lvm, disks: Sequence[str]) -> list[str]:
         found.append(f"mount {mountpoint}")
         run(["umount", mountpoint], timeout=60)
 
+    # dm-crypt mappings of encrypted volumes sit on the LVs: they go before the VGs can.
+    for holder in stacked:
+        name = _dm_name(holder)
+        if name.startswith("csi-crypt-"):
+            found.append(f"dm-crypt {name}")
+            run(["dmsetup", "remove", "--retry", name], timeout=60)
     report = lvm.report()
     ours = {*disks, *(f"/dev/{part}" for part in partitions)}
     for vg in sorted({pv.vg_name for pv in report.pvs if pv.name in ours and pv.vg_name}):

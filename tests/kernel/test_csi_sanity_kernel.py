@@ -11,7 +11,9 @@ through NodeUnpublishVolume + DeleteVolume / DeleteSnapshot; a failing cleanup, 
 left in the mount dir, fails the check (tests/csi/sanity_harness.py).
 
 One driver (in-process) and one VG per disk for the whole module, small volumes: the guest
-runs under emulation and every lvm call counts.
+runs under emulation and every lvm call counts. The module runs twice: with plain volumes and
+with `encrypted: "true"` in every CreateVolume's parameters (csi-sanity's
+--csi.testvolumeparameters), the key wrapped by a local keyring backend.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from csi_lvm.server import Driver
 from edge_common.lvm import Lvm
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
+from kms_plugin.backends import local
+from tests.csi import sanity_harness
 from tests.csi.conftest import make_config
 from tests.csi.sanity_harness import (
     IDEMPOTENT_COUNT,
@@ -81,8 +85,18 @@ class Guest:
                       for lv in self.lvm.lvs(vg) if self.owner in lv.tags)
 
 
-@pytest.fixture(scope="module")
-def guest(kernel_disk_paths: list[str], lvm: Lvm) -> Iterator[Guest]:
+@pytest.fixture(scope="module", params=["plain", "encrypted"])
+def guest(request: pytest.FixtureRequest, kernel_disk_paths: list[str], lvm: Lvm,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    encrypted = request.param == "encrypted"
+    extra: dict[str, Any] = {}
+    if encrypted:
+        keys = tmp_path_factory.mktemp("sanity-keys")
+        local.keygen(keys / "keyring.json", "sanity")
+        (keys / "backends.yaml").write_text(
+            f"backends:\n  node:\n    type: local\n    keyring: {keys / 'keyring.json'}\n")
+        extra["encryption_backends_file"] = str(keys / "backends.yaml")
+        sanity_harness.TEST_VOLUME_PARAMETERS["encrypted"] = "true"
     disks = kernel_disk_paths[:2]
     scrub_disks(lvm, disks)
     vg, other = unique_vg_name("sanity"), unique_vg_name("sanity")
@@ -91,7 +105,7 @@ def guest(kernel_disk_paths: list[str], lvm: Lvm) -> Iterator[Guest]:
     sock_dir = Path(f"/tmp/ksan-{secrets.token_hex(4)}")
     sock_dir.mkdir()
     config = make_config(vg, sock_dir, default_volume_size=TEST_VOLUME_SIZE,
-                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other])
+                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other], **extra)
     driver = Driver(config)
     driver.start()
     channel = unix_channel(config.endpoint)
@@ -100,6 +114,7 @@ def guest(kernel_disk_paths: list[str], lvm: Lvm) -> Iterator[Guest]:
         yield Guest(lvm, vg, other, driver, channel,
                     f"csi-lvm.edge.io/owner={config.driver_name}")
     finally:
+        sanity_harness.TEST_VOLUME_PARAMETERS.clear()
         channel.close()
         driver.stop(grace=1)
         for p in sock_dir.iterdir():
@@ -298,7 +313,9 @@ def test_node_expand_after_node_publish(r: Resources, access_type: str) -> None:
         capacity_range=csi_pb2.CapacityRange(required_bytes=TEST_EXPAND_SIZE)),
         timeout=RPC_TIMEOUT)
     assert grown.capacity_bytes == TEST_EXPAND_SIZE
-    assert grown.node_expansion_required == (access_type == "mount")
+    # An encrypted block volume needs the node too: its dm-crypt mapping grows there.
+    encrypted = sanity_harness.TEST_VOLUME_PARAMETERS.get("encrypted") == "true"
+    assert grown.node_expansion_required == (access_type == "mount" or encrypted)
     publish(r, vol.volume, access_type)
     resp = r.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
         volume_id=vol.volume.volume_id, volume_path=r.target_path,
