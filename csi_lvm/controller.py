@@ -729,7 +729,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 self.lvm.activate(ref.vg, ref.lv, ignore_skip=True)
         try:
             with lvm_errors(f"finishing {ref}"):
-                finish.finish(self.lvm, ref, lv.size)
+                finish.finish(self.lvm, ref, lv.size, thin=lv.is_thin)
         except blockdev.DeviceBusy as exc:
             raise FailedPrecondition(f"volume {ref} was never finished and is in use: "
                                      f"{exc}") from exc

@@ -14,6 +14,10 @@ never a device in use), and only then removes the tag. Volumes whose creation mu
 (copies, restores, fully zeroed block volumes) are finished by CreateVolume itself together
 with ``pending`` in one lvchange. A plain CreateVolume answers without its own lvchange: the
 first use pays it, which keeps CreateVolume at one LVM process.
+
+Rule for any code that writes into a new LV before its first publish (a copy, a LUKS header):
+drop ``unfinished`` in the lvchange that ends that work (as ``pending`` is), or the first use
+will wipe what it wrote.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ def make_safe(device: str, size: int) -> None:
     blockdev.zero_head_and_tail(device, size)
 
 
-def finish(lvm: Lvm, ref: LvRef, size: int) -> None:
-    """Make the ACTIVE, unfinished LV ref safe, then drop its ``unfinished`` tag."""
-    make_safe(ref.device_path, size)
+def finish(lvm: Lvm, ref: LvRef, size: int, *, thin: bool = False) -> None:
+    """Make the ACTIVE, unfinished LV ref safe, then drop its ``unfinished`` tag.
+
+    A thin volume needs no wipe: its unprovisioned blocks read as zeros whatever the pool held
+    before, and writing zeros would only allocate pool space."""
+    if not thin:
+        make_safe(ref.device_path, size)
     lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
     log.info("finished a new volume (head and tail wiped, unfinished tag removed)",
              extra={"volume_id": ref.id})

@@ -192,7 +192,7 @@ class LvmVolumes:
                           lv.is_thin, unfinished, lv.pool_lv or "")
 
     def finish(self, volume: NodeVolume) -> NodeVolume:
-        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size)
+        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size, thin=volume.thin)
         if self.on_change is not None:
             self.on_change()
         return replace(volume, unfinished=False)

@@ -4,9 +4,11 @@ Runs before the socket opens, so no request of this process can be in flight. On
 carrying our ownership tag are looked at.
 
 Repaired (``lvchange --refresh``: the kernel table reloaded from the committed metadata, the
-device resumed), with a Warning Event and ``csi_lvm_startup_repairs_total``:
-- an LV left suspended (lv_attr state s/S; a command killed between suspend and resume leaves
-  the pod's I/O frozen), or mapped without a live table / with an inactive one (d/i);
+device resumed; if LVM leaves it suspended, a direct resume then a refresh again), with a
+Warning Event and ``csi_lvm_startup_repairs_total``. The kernel decides (DM_DEV_STATUS, one
+ioctl; lv_attr only when the kernel cannot be asked):
+- an LV left suspended (a command killed between suspend and resume leaves the pod's I/O
+  frozen), with a loaded inactive table, or mapped without a live table;
 - an active LV whose kernel size differs from its metadata (an lvextend killed between its
   metadata commit and its table reload).
 
@@ -32,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from csi_lvm.facts import snapshot_is_real
 from csi_lvm.volume import KIND_SNAPSHOT, KIND_TEMPORARY, owner_tag, read_tags
-from edge_common.devmapper import DmError, dm_info, dm_name
+from edge_common.devmapper import DmError, DmInfo, dm_info, dm_name, dm_resume
 from edge_common.log import log_context
 from edge_common.lvm import LogicalVolume, Lvm, LvmError
 
@@ -70,14 +72,15 @@ class SweepResult:
     failed: list[str] = field(default_factory=list)
 
 
-def kernel_size(lv: LogicalVolume) -> int | None:
-    """Bytes of the LV's live mapped device, None when it is not mapped (or unreadable)."""
+def _kernel_info(lv: LogicalVolume) -> DmInfo | None:
     try:
-        info = dm_info(dm_name(lv.vg_name, lv.name))
+        return dm_info(dm_name(lv.vg_name, lv.name))
     except DmError:
         return None
-    if info is None or not info.live_table:
-        return None
+
+
+def kernel_size(info: DmInfo) -> int | None:
+    """Bytes of the live table of a mapped device (None when unreadable)."""
     path = SYS_DEV_BLOCK / f"{os.major(info.devno)}:{os.minor(info.devno)}" / "size"
     try:
         return int(path.read_text()) * 512
@@ -85,17 +88,26 @@ def kernel_size(lv: LogicalVolume) -> int | None:
         return None
 
 
-def needs_refresh(lv: LogicalVolume) -> str | None:
-    """Why the LV must be refreshed, or None."""
+def needs_refresh(lv: LogicalVolume, info: DmInfo | None = None) -> str | None:
+    """Why the LV must be refreshed, or None. The kernel's own answer (DM_DEV_STATUS) decides;
+    LVM's lv_attr state is the fallback when the kernel cannot be asked."""
+    info = info if info is not None else _kernel_info(lv)
+    if info is not None:
+        if info.suspended:
+            return "left suspended by an interrupted LVM command (its I/O is frozen)"
+        if info.inactive_table:
+            return "left with a loaded but inactive table by an interrupted LVM command"
+        if not info.live_table:
+            return "left mapped without a table by an interrupted LVM command"
+        size = kernel_size(info)
+        if size is not None and size != lv.size and not lv.is_thin_pool:
+            return (f"its kernel device has {size} bytes, its metadata {lv.size}: an "
+                    "interrupted resize")
+        return None
     if lv.attr.state in NEEDS_REFRESH_STATES:
         what = {"s": "suspended", "S": "suspended", "d": "mapped without a table",
                 "i": "mapped with an inactive table"}[lv.attr.state]
         return f"left {what} by an interrupted LVM command"
-    if lv.is_active and not lv.is_thin_pool:
-        size = kernel_size(lv)
-        if size is not None and size != lv.size:
-            return (f"its kernel device has {size} bytes, its metadata {lv.size}: an "
-                    "interrupted resize")
     return None
 
 
@@ -122,8 +134,9 @@ def sweep(lvm: Lvm, driver_name: str, *, events: EventSink = log_event,
             _repair(lvm, lv, why, result, events, metrics)
     for _, lv in sorted(leftovers, key=lambda item: item[0]):
         with log_context(volume_id=lv.full_name):
-            if lv.attr.state in NEEDS_REFRESH_STATES:
-                _repair(lvm, lv, "left suspended", result, events, metrics)  # else lvremove hangs
+            why = needs_refresh(lv)
+            if why is not None:
+                _repair(lvm, lv, why, result, events, metrics)  # else lvremove may hang
             try:
                 lvm.lvremove(lv.vg_name, lv.name)
             except LvmError as exc:
@@ -137,17 +150,29 @@ def sweep(lvm: Lvm, driver_name: str, *, events: EventSink = log_event,
     return result
 
 
+def _still_suspended(lv: LogicalVolume) -> bool:
+    info = _kernel_info(lv)
+    return info is not None and info.suspended
+
+
 def _repair(lvm: Lvm, lv: LogicalVolume, why: str, result: SweepResult, events: EventSink,
             metrics: SweepMetrics | None) -> None:
     with log_context(volume_id=lv.full_name):
         try:
             lvm.refresh(lv.vg_name, lv.name)
-        except LvmError as exc:
+            if _still_suspended(lv):
+                # LVM saw nothing to resume: resume the device as `dmsetup resume` would,
+                # then reload the table from the committed metadata.
+                dm_resume(dm_name(lv.vg_name, lv.name))
+                lvm.refresh(lv.vg_name, lv.name)
+            if _still_suspended(lv):
+                raise LvmError([], None, "", message="the device is still suspended")
+        except (LvmError, DmError) as exc:
             result.failed.append(lv.full_name)
             if metrics is not None:
                 metrics.repairs.labels(action="refresh_failed").inc()
             events(EVENT_REPAIR_FAILED, f"volume {lv.full_name} was {why}; `lvchange --refresh` "
-                   f"failed ({exc.message}): its I/O may be frozen, run `dmsetup resume "
+                   f"failed ({exc}): its I/O may be frozen, run `dmsetup resume "
                    f"{dm_name(lv.vg_name, lv.name)}` on the node", True)
             return
         result.repaired.append(lv.full_name)

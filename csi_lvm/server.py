@@ -71,7 +71,8 @@ class Driver:
                 PoolThresholds.of(config),
                 recheck_seconds=config.vg_recheck_seconds)
             self.registry.register(LvmCollector(self.cache))
-            self.pool_watch = PoolWatch(make_sink(config), config.thin_overprovision_ratio,
+            self.events = make_sink(config)  # pool warnings and start-up repairs
+            self.pool_watch = PoolWatch(self.events, config.thin_overprovision_ratio,
                                         PoolThresholds.of(config), config.node_id)
             self.cache.on_refresh(self.pool_watch)
         self.locks = InFlight()
@@ -108,7 +109,10 @@ class Driver:
 
     def start(self) -> None:
         if self.lvm is not None and self.cache is not None:
-            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics)
+            sink = self.events
+            swept = sweep(self.lvm, self.config.driver_name, metrics=self.sweep_metrics,
+                          events=lambda reason, message, warning: sink.event(
+                              reason, message, warning=warning))
             if swept.removed or swept.repaired or swept.failed:
                 log.info("start-up sweep", extra={"removed": swept.removed,
                                                   "repaired": swept.repaired,

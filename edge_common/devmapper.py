@@ -24,6 +24,7 @@ def has_device_mapper(proc_misc: Path = Path("/proc/misc")) -> bool:
 # many openers a mapped device has, and whether it is suspended. No process is started.
 
 _DM_IOCTL = 0xFD
+_DM_DEV_SUSPEND_CMD = 6
 _DM_DEV_STATUS_CMD = 7
 _DM_STRUCT = struct.Struct("=3IIIIiIIIQ128s129s7s")  # struct dm_ioctl (linux/dm-ioctl.h)
 _DM_VERSION = (4, 0, 0)
@@ -66,17 +67,13 @@ def _decode_dev(value: int) -> int:
     return os.makedev(major, minor)
 
 
-def dm_info(name: str, control: str = DM_CONTROL) -> DmInfo | None:
-    """The mapped device ``name``, or None when the kernel has no such device (ENXIO).
-
-    Without device-mapper (no control node and none in /proc/misc) nothing is mapped: None.
-    Any other failure is a DmError, never "absent"."""
+def _dm_call(cmd: int, name: str, flags: int, control: str) -> bytes | None:
+    """One device-mapper ioctl on the device ``name``; None when there is no such device."""
     encoded = name.encode()
     if not encoded or len(encoded) >= 128:
         raise ValueError(f"invalid device-mapper name: {name!r}")
-    request = _DM_STRUCT.pack(*_DM_VERSION, _DM_STRUCT.size, _DM_STRUCT.size, 0, 0, 0, 0, 0,
-                              0, encoded, b"", b"")
-    buffer = bytearray(request)
+    buffer = bytearray(_DM_STRUCT.pack(*_DM_VERSION, _DM_STRUCT.size, _DM_STRUCT.size, 0, 0,
+                                       flags, 0, 0, 0, encoded, b"", b""))
     try:
         fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -84,14 +81,34 @@ def dm_info(name: str, control: str = DM_CONTROL) -> DmInfo | None:
             return None  # nothing can be mapped on this kernel
         raise DmError(f"cannot open {control}: {exc.strerror}") from None
     try:
-        fcntl.ioctl(fd, _iowr(_DM_DEV_STATUS_CMD, _DM_STRUCT.size), buffer, True)
+        fcntl.ioctl(fd, _iowr(cmd, _DM_STRUCT.size), buffer, True)
     except OSError as exc:
         if exc.errno == errno.ENXIO:
             return None
-        raise DmError(f"DM_DEV_STATUS {name}: {exc.strerror}") from None
+        raise DmError(f"device-mapper ioctl {cmd} on {name}: {exc.strerror}") from None
     finally:
         os.close(fd)
-    fields = _DM_STRUCT.unpack(bytes(buffer))
-    open_count, flags, dev = fields[6], fields[7], fields[9]
+    return bytes(buffer)
+
+
+def dm_resume(name: str, control: str = DM_CONTROL) -> bool:
+    """Resume the mapped device ``name`` (DM_DEV_SUSPEND without the suspend flag: what
+    ``dmsetup resume`` does); False when there is no such device."""
+    return _dm_call(_DM_DEV_SUSPEND_CMD, name, 0, control) is not None
+
+
+def dm_info(name: str, control: str = DM_CONTROL) -> DmInfo | None:
+    """The mapped device ``name``, or None when the kernel has no such device (ENXIO).
+
+    Without device-mapper (no control node and none in /proc/misc) nothing is mapped: None.
+    Any other failure is a DmError, never "absent"."""
+    answer = _dm_call(_DM_DEV_STATUS_CMD, name, 0, control)
+    return None if answer is None else parse_dm_status(name, answer)
+
+
+def parse_dm_status(name: str, answer: bytes) -> DmInfo:
+    """The kernel's answer to DM_DEV_STATUS (a struct dm_ioctl) as a DmInfo."""
+    (_v0, _v1, _v2, _size, _start, _targets, open_count, flags, _event_nr, _padding, dev,
+     _name, _uuid, _data) = _DM_STRUCT.unpack(answer[:_DM_STRUCT.size])
     return DmInfo(name, _decode_dev(dev), open_count, bool(flags & _DM_SUSPEND_FLAG),
                   bool(flags & _DM_ACTIVE_PRESENT_FLAG), bool(flags & _DM_INACTIVE_PRESENT_FLAG))

@@ -180,13 +180,17 @@ class GrpcServer:
         metrics: RpcMetrics | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
+        map_errors: bool = True,
     ) -> None:
+        """``map_errors`` False: the services end failed calls themselves (context.abort) and
+        count them; the per-call error interceptor (and its cost) is left out."""
         self.endpoint = parse_endpoint(endpoint)
         self._register = list(register)
         self._socket_mode = socket_mode
         self._socket_group = socket_group
         self._max_workers = max_workers
-        self._interceptors = [ServiceInterceptor(metrics), *interceptors]
+        self._interceptors = [*([ServiceInterceptor(metrics)] if map_errors else []),
+                              *interceptors]
         self._options = list(options)
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()

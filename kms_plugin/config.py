@@ -170,6 +170,14 @@ class PluginConfig:
     awskms_breaker_failure_threshold: int | None = option(
         None, help="awskms backend: consecutive failures that open the circuit breaker"
     )
+    awskms_allow_http: bool = option(
+        False, help="awskms backend: allow a plain http:// endpoint on a non-loopback host "
+        "(default: https only; http only to loopback)"
+    )
+    awskms_previous_key_arns: list[str] = option(
+        [], help="awskms backend: earlier key ARNs Decrypt may still use (e.g. after an alias "
+        "moved); any other key named by a stored record is refused", metavar="ARN,..."
+    )
     awskms_breaker_reset_seconds: float | None = option(
         None, help="awskms backend: seconds before an open breaker lets a call through",
         metavar="SECONDS",

@@ -113,6 +113,12 @@ class PluginMetrics(KeyEvents):
             "at the next restart of kube-apiserver or of this plugin)",
             ["reason"], registry=r,
         )
+        self.rejected_keys = Gauge(
+            "kms_plugin_backend_rejected_keys",
+            "Key objects carrying the root key's name that the backend refuses to use (pkcs11: "
+            "imported or once extractable), at its last look; anything above 0 is an alert",
+            registry=r,
+        )
         self.health_probes = Counter(
             "kms_plugin_health_probes_total", "Health probes (backend round trips) by outcome",
             ["outcome"], registry=r,

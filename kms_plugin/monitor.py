@@ -45,10 +45,12 @@ from kms_plugin.backends.errors import (
     BackendError,
     BackendThrottled,
     BackendUnavailable,
+    CredentialsRefused,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
 )
+from kms_plugin.hardening import release_free_memory
 from kms_plugin.keys import KeyManager
 from kms_plugin.metrics import PluginMetrics, outcome_of
 
@@ -57,6 +59,7 @@ log = logging.getLogger("kms_plugin.monitor")
 OK, DEGRADED, UNHEALTHY = "ok", "degraded", "unhealthy"
 _PROBE_CONTEXT = {"kms-plugin.edge.io/purpose": "health-probe"}
 _REASON_MAX = 200
+TRIM_INTERVAL = 5.0  # seconds: the loop wakes at least this often to return freed memory
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ class Monitor:
                     time.time(), False,
                 ))
                 delay = self.settings.retry_interval
-            self._wake.wait(timeout=max(0.01, delay))
+            release_free_memory()  # what a burst of requests left behind, while idle
+            self._wake.wait(timeout=max(0.01, min(delay, TRIM_INTERVAL)))
             self._wake.clear()
 
     def run_once(self) -> float:
@@ -266,6 +270,11 @@ class Monitor:
                 time.time(),
                 True,
                 problem,
+            )
+        except CredentialsRefused as exc:  # an operator must act (and an HSM may lock the PIN)
+            error = exc
+            snap = HealthSnapshot(
+                UNHEALTHY, _short(f"backend refuses the credentials: {exc}"), time.time(), True
             )
         except BackendThrottled as exc:
             error = exc

@@ -97,6 +97,8 @@ class Plugin:
         monitor = Monitor(keys, config.monitor_settings(), metrics=metrics, notifier=notifier)
         keys._on_rotation_due = monitor.wake  # the use-count trigger wakes the monitor
         metrics.cache_entries.set_function(lambda: float(keys.cache_len))
+        inner = instrumented.inner
+        metrics.rejected_keys.set_function(lambda: float(getattr(inner, "rejected_keys", 0)))
         audit = (
             AuditLog(json_format=config.log_format is LogFormat.JSON, stream=audit_stream)
             if config.audit_log
@@ -110,6 +112,7 @@ class Plugin:
             socket_mode=0o660 if config.socket_group else 0o600,
             socket_group=config.socket_group,
             max_workers=config.max_workers + STATUS_RESERVE,
+            map_errors=False,  # kms_plugin.rpc ends failed calls itself, at less cost
         )
         http = None
         plugin_ref: list[Plugin] = []

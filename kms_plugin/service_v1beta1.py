@@ -43,7 +43,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Version(  # noqa: N802 (gRPC method name)
         self, request: service_pb2.VersionRequest, context: grpc.ServicerContext
     ) -> service_pb2.VersionResponse:
-        with self.rpc.call("Version", audited=False):
+        with self.rpc.call("Version", audited=False, context=context):
             return service_pb2.VersionResponse(
                 version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=VERSION
             )
@@ -51,7 +51,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Encrypt(  # noqa: N802
         self, request: service_pb2.EncryptRequest, context: grpc.ServicerContext
     ) -> service_pb2.EncryptResponse:
-        with self.rpc.call("Encrypt") as scope:
+        with self.rpc.call("Encrypt", context=context) as scope:
             _check_version(request.version)
             blob, scope.key_id = self.keys.encrypt_legacy(request.plain)
             return service_pb2.EncryptResponse(cipher=blob)
@@ -59,7 +59,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Decrypt(  # noqa: N802
         self, request: service_pb2.DecryptRequest, context: grpc.ServicerContext
     ) -> service_pb2.DecryptResponse:
-        with self.rpc.call("Decrypt") as scope:
+        with self.rpc.call("Decrypt", context=context) as scope:
             _check_version(request.version)
             plain, scope.key_id = self.keys.decrypt_legacy(
                 request.cipher, deadline=deadline_of(context)

@@ -38,7 +38,7 @@ class KmsV2Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Status(  # noqa: N802 (gRPC method name)
         self, request: service_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> service_pb2.StatusResponse:
-        with self.rpc.call("Status", audited=False):
+        with self.rpc.call("Status", audited=False, context=context):
             return service_pb2.StatusResponse(
                 version=API_VERSION,
                 healthz=self.monitor.status_healthz(),
@@ -48,7 +48,7 @@ class KmsV2Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Encrypt(  # noqa: N802
         self, request: service_pb2.EncryptRequest, context: grpc.ServicerContext
     ) -> service_pb2.EncryptResponse:
-        with self.rpc.call("Encrypt", request.uid) as scope:
+        with self.rpc.call("Encrypt", request.uid, context=context) as scope:
             ciphertext, key_id, annotations = self.keys.encrypt_seed(request.plaintext)
             scope.key_id = key_id
             return service_pb2.EncryptResponse(
@@ -58,7 +58,7 @@ class KmsV2Service(service_pb2_grpc.KeyManagementServiceServicer):
     def Decrypt(  # noqa: N802
         self, request: service_pb2.DecryptRequest, context: grpc.ServicerContext
     ) -> service_pb2.DecryptResponse:
-        with self.rpc.call("Decrypt", request.uid) as scope:
+        with self.rpc.call("Decrypt", request.uid, context=context) as scope:
             scope.key_id = request.key_id
             plaintext = self.keys.decrypt_seed(
                 request.ciphertext,

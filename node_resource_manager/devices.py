@@ -131,10 +131,8 @@ def expand_pattern(pattern: str, paths: HostPaths) -> list[str]:
 
 
 def match_kernel_names(name_glob: str, paths: HostPaths) -> list[str]:
-    try:
-        names = os.listdir(paths.sys / "class" / "block")
-    except OSError:
-        return []
+    """OSError when sysfs cannot list the block devices (unknown, not "none")."""
+    names = os.listdir(paths.sys / "class" / "block")
     return sorted(fnmatch.filter(names, name_glob))
 
 

@@ -174,7 +174,7 @@ def _build_volume_group(action: CreateVolumeGroup | ExtendVolumeGroup, lvm: Lvm,
     vg = action.vg
     devices = list(verifier.still_same(vg, verifier.pinned(vg, action)))
     new = {d.rdev for d in action.new_pvs}
-    created: list[str] = []
+    created: list[tuple[int, str]] = []  # (rdev, PV UUID) of the PVs made here
     for pinned in list(devices):
         if pinned.device.rdev not in new:
             continue
@@ -184,17 +184,20 @@ def _build_volume_group(action: CreateVolumeGroup | ExtendVolumeGroup, lvm: Lvm,
         pv_uuid = new_pv_uuid()
         journal.add(vg, pv_uuid, pinned.identity, pinned.device.lvm_path)
         lvm.pvcreate([pinned.device.lvm_path], uuid=pv_uuid)
-        created.append(pv_uuid)
+        created.append((pinned.device.rdev, pv_uuid))
     kept = verifier.still_same(vg, tuple(devices))
     if not kept:
         raise _NothingLeft(vg)
     paths = [d.device.lvm_path for d in kept]
+    in_vg = {d.device.rdev for d in kept}
+    # Journal entries of devices left out stay: those orphan PVs are still ours to finish.
+    finished = [pv_uuid for rdev, pv_uuid in (*created, *action.adopted_pvs) if rdev in in_vg]
     if isinstance(action, CreateVolumeGroup):
         lvm.vgcreate(vg, paths, tags=(VG_TAG,))
-        journal.done([*created, *action.adopted_pvs])
+        journal.done(finished)
         return f"created volume group {vg} from {', '.join(paths)}"
     lvm.vgextend(vg, paths)
-    journal.done([*created, *action.adopted_pvs])
+    journal.done(finished)
     return f"extended volume group {vg} with {', '.join(paths)}"
 
 

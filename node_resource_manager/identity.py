@@ -237,6 +237,11 @@ class Pins:
     def __iter__(self) -> Iterator[PinnedDevice]:
         return iter(list(self._held.values()))
 
+    def keep_only(self, rdevs: set[int]) -> None:
+        """Let go of every device not in ``rdevs`` (refused ones: nothing will be written)."""
+        for rdev in [r for r in self._held if r not in rdevs]:
+            os.close(self._held.pop(rdev).fd)
+
     def close(self) -> None:
         held, self._held = self._held, {}
         for pinned in held.values():

@@ -55,7 +55,7 @@ class CreateVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]  # every one pinned (identity.Pins) by the planner
     new_pvs: tuple[BlockDevice, ...]  # devices that need pvcreate first
-    adopted_pvs: tuple[str, ...] = ()  # UUIDs of our own orphan PVs (journal) it takes in
+    adopted_pvs: tuple[tuple[int, str], ...] = ()  # (rdev, UUID) of our own orphan PVs (journal)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ExtendVolumeGroup:
     vg: str
     devices: tuple[BlockDevice, ...]
     new_pvs: tuple[BlockDevice, ...]
-    adopted_pvs: tuple[str, ...] = ()
+    adopted_pvs: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,12 +179,19 @@ class Planner:
             vg = report.vg(spec.name)
             vgp = VolumeGroupPlan(spec=spec, exists=vg is not None)
             plan.volume_groups.append(vgp)
+            enumerated = True  # False: the devices could not be listed
             if spec.type is TopologyType.DEVICE:
                 candidates = self._dedupe_listed(spec.name, resolved[spec.name], plan)
             else:
-                candidates = self._pattern_candidates(spec)
+                try:
+                    candidates = self._pattern_candidates(spec)
+                except OSError as exc:
+                    candidates, enumerated = [], False
+                    plan.problems.append(f"volume group {spec.name!r}: its patterns cannot be "
+                                         f"matched, the block devices cannot be listed ({exc}); "
+                                         "no new device is used")
             eligible: list[BlockDevice] = []
-            adopted: list[str] = []
+            adopted: list[tuple[int, str]] = []
             wanted: set[int] = set()
             for dev in candidates:
                 wanted.add(dev.rdev)
@@ -219,7 +226,7 @@ class Planner:
                     pattern_claims[dev.rdev] = spec.name
                 eligible.append(dev)
                 if claimed and pv is not None:
-                    adopted.append(pv.uuid)
+                    adopted.append((dev.rdev, pv.uuid))
             new_pvs = tuple(d for d in eligible if d.rdev not in host.pvs_by_rdev)
             if eligible and vg is None:
                 plan.actions.append(CreateVolumeGroup(spec.name, tuple(eligible), new_pvs,
@@ -227,7 +234,7 @@ class Planner:
             elif eligible:
                 plan.actions.append(ExtendVolumeGroup(spec.name, tuple(eligible), new_pvs,
                                                       tuple(adopted)))
-            if vg is not None:
+            if vg is not None and enumerated:  # not enumerated: unknown, not removed
                 for pv in report.pvs_of(spec.name):
                     rdev = _rdev_of(host, pv.name)
                     if rdev is None or rdev not in wanted:
@@ -236,6 +243,9 @@ class Planner:
                 self._plan_thin_pool(spec, spec.thin_pool, report, plan)
         if conflicts:
             raise ConfigInvalid(sorted(set(conflicts)))
+        pins.keep_only({d.rdev for a in plan.actions
+                        if isinstance(a, CreateVolumeGroup | ExtendVolumeGroup)
+                        for d in a.devices})
         return plan
 
     def _dedupe_listed(

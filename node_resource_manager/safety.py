@@ -182,28 +182,13 @@ class SafetyChecker:
             return [Refusal(Reason.HOST_STATE_UNKNOWN,
                             f"{name} is not used while the host's state is unknown: "
                             + "; ".join(host.unknowns))]
-        out: list[Refusal] = []
         directory = sys_dir(dev.rdev, self.settings.paths)
-        try:
-            size, read_only = read_attr(directory, "size"), read_attr(directory, "ro")
-        except OSError as exc:
-            size = read_only = None
-            out.append(Refusal(Reason.PROBE_FAILED, f"{name}: sysfs cannot be read: {exc}"))
-        holders = _listdir_or_none(directory / "holders")
-        parts = _partitions(directory)
-        unread = [what for what, value in (("size", size), ("ro", read_only),
-                                           ("holders", holders), ("partitions", parts))
-                  if value is None]
-        if unread and not out:
-            return [Refusal(Reason.PROBE_FAILED,
-                            f"{name}: sysfs does not answer ({', '.join(unread)} unreadable "
-                            f"under {directory}); not used while unknown")]
-        if out:
-            return out
-        assert holders is not None and parts is not None and size is not None
-        if not size.isdigit():
-            return [Refusal(Reason.PROBE_FAILED, f"{name}: unreadable size {size!r} in sysfs")]
-        if int(size) == 0:
+        facts = _sysfs_facts(directory)
+        if isinstance(facts, str):
+            return [Refusal(Reason.PROBE_FAILED, f"{name}: {facts}; not used while unknown")]
+        size, read_only, holders, parts = facts
+        out: list[Refusal] = []
+        if size == 0:
             out.append(Refusal(Reason.EMPTY, f"{name} has size 0 (no medium or backing file)"))
 
         if (directory / "dm").is_dir():
@@ -309,6 +294,25 @@ class SafetyChecker:
                                                 f"{exc.strerror}")
         os.close(fd)
         return None
+
+
+def _sysfs_facts(directory: Path) -> tuple[int, str, list[str], list[str]] | str:
+    """A device's size, read-only flag, holders and partitions from sysfs; or what could not
+    be read (never guessed: a missing answer is not "none")."""
+    try:
+        size, read_only = read_attr(directory, "size"), read_attr(directory, "ro")
+    except OSError as exc:
+        return f"sysfs cannot be read: {exc}"
+    holders = _listdir_or_none(directory / "holders")
+    parts = _partitions(directory)
+    if size is None or read_only is None or holders is None or parts is None:
+        unread = [what for what, value in (("size", size), ("ro", read_only),
+                                           ("holders", holders), ("partitions", parts))
+                  if value is None]
+        return f"sysfs does not answer ({', '.join(unread)} unreadable under {directory})"
+    if not size.isdigit():
+        return f"unreadable size {size!r} in sysfs"
+    return int(size), read_only, holders, parts
 
 
 def _listdir_or_none(path: Path) -> list[str] | None:

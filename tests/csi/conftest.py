@@ -129,6 +129,9 @@ def make_config(vg: str, tmp: Path, **overrides: Any) -> CsiConfig:
         "default_vg": vg,
         "lvm_timeout_seconds": 60.0,
         "capacity_refresh_seconds": 30.0,
+        # Copies and full wipes answer within the call unless a test is about background jobs
+        # (an emulated CPU on a busy host makes even small ones slow).
+        "data_job_wait_seconds": 300.0,
     }
     values.update(overrides)
     return CsiConfig(**values)

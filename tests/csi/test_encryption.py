@@ -115,7 +115,8 @@ def _local(tmp_path: Path) -> tuple[dict[str, object], Callable[[], None]]:
     return {"keyring": str(ring)}, lambda: None if local.rotate(ring) else None
 
 
-def _pkcs11(tmp_path: Path, hsm: Any) -> tuple[dict[str, object], Callable[[], None]]:
+def _pkcs11(tmp_path: Path, hsm: Any,
+            request: pytest.FixtureRequest) -> tuple[dict[str, object], Callable[[], None]]:
     from kms_plugin.backends.pkcs11 import Pkcs11Backend
 
     pin = tmp_path / "pin"
@@ -125,6 +126,9 @@ def _pkcs11(tmp_path: Path, hsm: Any) -> tuple[dict[str, object], Callable[[], N
                                   "key_label": f"csi-{secrets.token_hex(4)}",
                                   "pin_file": str(pin)}
     admin = Pkcs11Backend.from_options(options)
+    # A session left open keeps the token logged in for the whole process: later tests of a
+    # wrong PIN would then see no refusal.
+    request.addfinalizer(admin.close)
     admin.create_key_version(first=True)
 
     def rotate() -> None:
@@ -139,7 +143,7 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     if kind == "local":
         options, rotate = _local(tmp_path)
     elif kind == "pkcs11":
-        options, rotate = _pkcs11(tmp_path, request.getfixturevalue("softhsm"))
+        options, rotate = _pkcs11(tmp_path, request.getfixturevalue("softhsm"), request)
     else:
         fake = request.getfixturevalue("fake_kms")
         options = fake.backend_options()

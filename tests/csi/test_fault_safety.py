@@ -141,3 +141,34 @@ def test_the_sweep_refreshes_lvs_left_suspended_or_without_their_live_table(
 ) -> None:
     found = needs_refresh(record(attr, name="pvc-a"))
     assert (found is None) if why is None else (found is not None and why in found)
+
+
+def test_sweep_repairs_become_warning_events_on_the_node(fake_kube: Any, tmp_path: Path) -> None:
+    from csi_lvm.config import CsiConfig
+    from csi_lvm.server import Driver
+
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "kubeconfig")
+    driver = Driver(CsiConfig(node_id="edge-node-9", kube_events=True,
+                              kubeconfig=str(kubeconfig)))
+    driver.events.event("VolumeRepaired", "volume vg0/pvc-a was left suspended; repaired at "
+                        "start-up", warning=True)  # the sink the start-up sweep reports to
+    (event,) = fake_kube.events(reason="VolumeRepaired", involved_name="edge-node-9")
+    assert event["type"] == "Warning" and event["source"]["component"] == "csi-lvm"
+    assert "left suspended" in event["message"]
+
+
+@pytest.mark.parametrize("suspended,live,inactive,why", [
+    (True, True, True, "suspended"),       # lvextend killed between suspend and resume
+    (True, True, False, "suspended"),
+    (False, True, True, "inactive table"),  # killed after preloading the new table
+    (False, False, False, "without a table"),
+    (False, True, False, None),
+])
+def test_the_kernel_decides_what_the_sweep_refreshes(
+    suspended: bool, live: bool, inactive: bool, why: str | None,
+) -> None:
+    from edge_common.devmapper import DmInfo
+
+    info = DmInfo("vg0-pvc--a", 0, 0, suspended, live, inactive)
+    found = needs_refresh(record("-wi-a-----", name="pvc-a"), info)  # lvs may say "active"
+    assert (found is None) if why is None else (found is not None and why in found)

@@ -83,3 +83,18 @@ def test_dm_ioctl_layout_and_names() -> None:
     encoded = (300 & 0xFF) | (253 << 8) | ((300 & ~0xFF) << 12)
     assert devmapper._decode_dev(encoded) == os.makedev(253, 300)
     assert struct.calcsize("=3IIIIiIIIQ") == 48
+
+
+def test_a_dm_status_answer_is_decoded_field_by_field() -> None:
+    # What the kernel writes back: open_count 2, suspended with a live and an inactive table,
+    # on device 253:300 (padding and event_nr set to catch an off-by-one field).
+    flags = (1 << 1) | (1 << 5) | (1 << 6)
+    dev = (300 & 0xFF) | (253 << 8) | ((300 & ~0xFF) << 12)
+    answer = devmapper._DM_STRUCT.pack(4, 47, 0, 312, 312, 1, 2, flags, 77, 99, dev,
+                                       b"vg-lv", b"LVM-uuid", b"")
+    info = devmapper.parse_dm_status("vg-lv", answer)
+    assert info == devmapper.DmInfo("vg-lv", os.makedev(253, 300), 2, True, True, True)
+    idle = devmapper.parse_dm_status("vg-lv", devmapper._DM_STRUCT.pack(
+        4, 47, 0, 312, 312, 1, 0, 1 << 5, 0, 0, dev, b"vg-lv", b"", b""))
+    assert (idle.open_count, idle.suspended, idle.live_table, idle.inactive_table) == \
+        (0, False, True, False)

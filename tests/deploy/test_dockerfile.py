@@ -5,8 +5,10 @@ the wheel needs is copied, and the commands it installs are the project's entry 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -31,24 +33,29 @@ def patterns() -> list[tuple[bool, str]]:
 SKIP_DIRS = {".git", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "dist", "build"}
 
 
+def _walk(path: Path) -> list[Path]:
+    """Files under `path`, never descending into the checkout's caches and virtualenv (a full
+    walk of .venv alone takes minutes)."""
+    if path.is_file():
+        return [path]
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        if Path(dirpath) == ROOT:
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        out.extend(Path(dirpath) / name for name in filenames)
+    return out
+
+
 def build_context() -> set[str]:
     """Every file `COPY . .` sends to the builder (the checkout after .dockerignore)."""
-    ignored = patterns()
-    out: set[str] = set()
-    for path in ROOT.iterdir():
-        if path.name in SKIP_DIRS:
-            continue
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        out |= {r for r in (str(f.relative_to(ROOT)) for f in files) if not is_ignored(r, ignored)}
-    return out
+    return set(context_files("."))
 
 
 def context_files(source: str) -> list[str]:
     """The files a COPY source brings from the build context (after .dockerignore)."""
-    path = ROOT / source
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    rels = [str(p.relative_to(ROOT)) for p in files]
-    return [r for r in rels if not is_ignored(r, patterns())]
+    ignored = patterns()
+    rels = sorted(str(p.relative_to(ROOT)) for p in _walk(ROOT / source))
+    return [r for r in rels if not is_ignored(r, ignored)]
 
 
 # ------------------------------------------------------------------------------ the parser

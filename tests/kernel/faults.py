@@ -1,10 +1,11 @@
 """Fault injection INSIDE one LVM command, for the real-kernel suite (issue 11).
 
-The driver runs with ``lvm_command = [sh, tests/kernel/lvm_fault.sh]``: every lvm call runs as
-usual, except one armed call, which runs under ``strace`` with an action injected at its Nth
-ioctl (a device-mapper call: LVM talks to the kernel only through them once its metadata is
-written). N is measured, not guessed: ``calibrate`` runs the same kind of command on a scratch
-LV under strace and finds the ioctl of interest by its decoded name and flags, e.g.
+The driver runs with ``lvm_command = [nsenter --mount --ipc ..., sh, tests/kernel/lvm_fault.sh]``
+(deploy/'s namespaces; udev sync is on in the guest): every lvm call runs as usual, except
+one armed call, which runs under ``strace`` with an action injected at its Nth ioctl (a
+device-mapper call: LVM talks to the kernel only through them once its metadata is written).
+N is measured, not guessed: ``calibrate`` runs the same kind of command on a scratch LV
+under strace and finds the ioctl of interest by its decoded name and flags, e.g.
 
 - the new LV's ``DM_DEV_CREATE``: lvcreate has committed its metadata (tags included) and
   has neither activated nor wiped the LV yet;
@@ -16,6 +17,7 @@ power loss) or ``delay_enter=<us>`` (lvm stalls there: a command slower than any
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -27,6 +29,15 @@ from edge_common.lvm import Lvm
 SCRIPT = Path(__file__).resolve().parent / "lvm_fault.sh"
 KILL = "error=EINTR:signal=KILL"
 _IOCTL = re.compile(r"^\d+\s+ioctl\(")
+
+
+def host_namespaces(*kinds: str) -> list[str]:
+    """``nsenter`` into this process's namespaces - the guest's "host" - as deploy/ enters
+    /proc/1's (``--mount`` and ``--ipc``). In the guest pid 1 is the initramfs' init, chrooted
+    away from the real root, hence --root/--wd: they land where this process lives."""
+    host = f"/proc/{os.getpid()}"
+    return ["nsenter", *(f"--{kind}={host}/ns/{'mnt' if kind == 'mount' else kind}"
+                         for kind in kinds), f"--root={host}/root", f"--wd={host}/cwd", "--"]
 
 
 def stall(seconds: float) -> str:
@@ -53,7 +64,8 @@ class LvmFaults:
 
     @property
     def command(self) -> list[str]:
-        return ["sh", str(SCRIPT)]
+        """The driver's lvm prefix: deploy/'s namespaces (mount + IPC), then the fault script."""
+        return [*host_namespaces("mount", "ipc"), "sh", str(SCRIPT)]
 
     @property
     def env(self) -> dict[str, str]:

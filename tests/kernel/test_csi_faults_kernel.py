@@ -32,12 +32,15 @@ import pytest
 from csi_lvm.mounter import Mounter
 from csi_lvm.server import Driver
 from csi_lvm.volume import TAG_UNFINISHED, parse_id, read_tags
+from edge_common.commands import run
 from edge_common.devmapper import dm_info, dm_name
+from edge_common.log import JsonFormatter
 from edge_common.lvm import Lvm
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.csi.conftest import block_cap, create_request, make_config, mount_cap
 from tests.kernel.faults import KILL, LvmFaults, alive, dm_call, stall, suspends, wait_gone
+from tests.kernel.test_csi_lifecycle import device_write, scan_for
 from tests.rigs.lvm import unique_vg_name
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1200)]
@@ -134,42 +137,38 @@ def rig(kernel_disks: list[str], lvm: Lvm, tmp_path: Path,
     faults = LvmFaults(tmp_path / "faults")
     for key, value in faults.env.items():
         monkeypatch.setenv(key, value)
+    # The driver's log (in-process) goes where the guest's results come back to the host.
+    shared = os.environ.get("EDGE_GUEST_RESULTS")
+    handler = logging.FileHandler(Path(shared if shared and os.path.isdir(shared) else tmp_path)
+                                  / f"faults-{vg}.log")
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
     r = Rig(vg, lvm, faults, tmp_path)
     try:
         yield r
     finally:
+        for lv in lvm.lvs(vg, timeout=120):  # first: unmounting a suspended LV would hang
+            info = dm_info(dm_name(vg, lv.name))
+            if info is not None and info.suspended:
+                logging.warning("teardown: %s still suspended; resuming it", lv.name)
+                run(["dmsetup", "resume", dm_name(vg, lv.name)], timeout=120)
         for entry in reversed(r.mounter.mounts()):
             if entry.mount_point.startswith(str(r.pods) + "/"):
                 r.mounter.unmount_all(entry.mount_point)
         r.stop()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
         for p in r.sock_dir.iterdir():
             p.unlink()
         r.sock_dir.rmdir()
-        for lv in lvm.lvs(vg):  # never leave a suspended device behind for the scrub
-            info = dm_info(dm_name(vg, lv.name))
-            if info is not None and info.suspended:
-                lvm.refresh(vg, lv.name)
         lvm.command("vgremove", "--yes", "--force", "--", vg)
         lvm.command("pvremove", "--yes", "--", *kernel_disks[:2])
 
 
-def device_write(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def holds(path: str, marker: bytes, chunk: int = 4 * MiB) -> bool:
-    tail = b""
+def holds(path: str, marker: bytes) -> bool:
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            if marker in tail + block:
-                return True
-            tail = block[-(len(marker) - 1):]
-    return False
+        return scan_for(f, marker)
 
 
 def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
@@ -331,6 +330,16 @@ def test_a_volume_in_use_is_never_deleted_or_wiped(rig: Rig) -> None:
 # ---------------------------------------------------------------------------- 4. lvextend
 
 
+class Recorder:
+    """An Event sink (csi_lvm.poolwatch.make_sink's interface) that keeps what it is told."""
+
+    def __init__(self, events: list[tuple[str, str, bool]]) -> None:
+        self.events = events
+
+    def event(self, reason: str, message: str, *, warning: bool) -> None:
+        self.events.append((reason, message, warning))
+
+
 def lvextend_resume_point(rig: Rig) -> int:
     """lvm's ioctl count up to the one right after lvextend's suspend (the resume)."""
     name = f"calib{secrets.token_hex(2)}"
@@ -341,8 +350,9 @@ def lvextend_resume_point(rig: Rig) -> int:
     return when + 1
 
 
+@pytest.mark.timeout(900)
 def test_lvextend_between_suspend_and_resume_is_never_killed_and_a_killed_one_is_repaired(
-    rig: Rig, caplog: pytest.LogCaptureFixture,
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cap = mount_cap("ext4")
     vol = rig.create("pvc-grow", 32 * MiB, cap, lvmType="linear")
@@ -362,7 +372,7 @@ def test_lvextend_between_suspend_and_resume_is_never_killed_and_a_killed_one_is
     assert time.monotonic() - start >= LVM_TIMEOUT
     lvm_pid = rig.faults.pid()
     info = dm_info(name)
-    assert info is not None and info.suspended and alive(lvm_pid)
+    assert info is not None and info.suspended and alive(lvm_pid), (info, rig.faults.trace())
     code, details = code_of(lambda: rig.expand(vol.volume_id, 64 * MiB))
     assert code == grpc.StatusCode.ABORTED, details  # the volume stays locked meanwhile
     wait_gone(lvm_pid, 180)
@@ -377,11 +387,15 @@ def test_lvextend_between_suspend_and_resume_is_never_killed_and_a_killed_one_is
     assert rig.faults.killed(), "the fault point was never reached:\n" + rig.faults.trace()
     info = dm_info(name)
     assert info is not None and info.suspended
-    caplog.set_level(logging.INFO)
+    events: list[tuple[str, str, bool]] = []
+    monkeypatch.setattr("csi_lvm.server.make_sink", lambda config: Recorder(events))
     rig.restart()
     info = dm_info(name)
-    assert info is not None and not info.suspended, "the sweep did not resume the volume"
-    assert any(getattr(r, "event_reason", "") == "VolumeRepaired" for r in caplog.records)
+    assert info is not None and not info.suspended, f"the sweep did not resume it: {events}"
+    repairs = [(reason, message, warning) for reason, message, warning in events
+               if reason.startswith("VolumeRepair")]  # (pool warnings go the same way)
+    assert [(reason, warning) for reason, _, warning in repairs] == [("VolumeRepaired", True)]
+    assert "suspended" in repairs[0][1]
     assert rig.driver is not None and rig.driver.registry.get_sample_value(
         "csi_lvm_startup_repairs_total", {"action": "refreshed"}) == 1
     assert Path(target, "data").read_bytes() == payload  # the pod's I/O flows again

@@ -85,7 +85,9 @@ class DriverProcess:
         return [sys.executable, "-m", "csi_lvm", "--endpoint", self.endpoint,
                 "--node-id", self.node_id, "--driver-name", self.driver_name,
                 "--default-vg", self.vg, "--default-thin-pool", POOL,
-                "--lvm-timeout-seconds", "300"]
+                "--lvm-timeout-seconds", "300",
+                # copies and full wipes answer within the call (background jobs: elsewhere)
+                "--data-job-wait-seconds", "300"]
 
     def start(self) -> None:
         assert self.proc is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_guest import protocol
+from kernel_guest import protocol, udevd
 from kernel_guest.artifacts import GuestImage, Package, parse_kernel_dependency
 from kernel_guest.cli import guest_argv, main, parse_size, split_command
 from kernel_guest.runner import (
@@ -45,6 +45,7 @@ def test_job_script_writes_lvm_conf_sets_env_and_runs_argv_verbatim(tmp_path: Pa
         env=env,
         lvm_conf=str(tmp_path / "etc/lvm/lvm.conf"),
         share=str(tmp_path / "share"),
+        udevd=False,  # never on this host: it would complete this machine's cookies
     )
     subprocess.run(["/bin/sh", "-c", script], check=True, timeout=60, env={})
     seen = json.loads(out.read_text())
@@ -55,11 +56,35 @@ def test_job_script_writes_lvm_conf_sets_env_and_runs_argv_verbatim(tmp_path: Pa
     assert seen["env"]["EXTRA"] == "a b"
     assert seen["env"]["PATH"].startswith(str(Path(sys.executable).parent) + ":")
     conf = (tmp_path / "etc/lvm/lvm.conf").read_text()
-    for setting in ("obtain_device_list_from_udev = 0", "udev_sync = 0", "udev_rules = 0",
+    for setting in ("obtain_device_list_from_udev = 0", "udev_sync = 1", "udev_rules = 0",
                     "use_devicesfile = 0", "event_activation = 0", "monitoring = 0",
                     'external_device_info_source = "none"'):  # fmt: skip
         assert setting in conf
     assert (tmp_path / "share/artifacts").is_dir()
+
+
+def test_job_script_starts_the_udev_stand_in_and_waits_for_it_before_the_job(
+    tmp_path: Path,
+) -> None:
+    script = job_script(["pytest"], cwd=tmp_path, env={})
+    lines = script.splitlines()
+    start = next(i for i, line in enumerate(lines) if "-m kernel_guest.udevd" in line)
+    wait = next(i for i, line in enumerate(lines) if "/run/udev/control" in line)
+    job = next(i for i, line in enumerate(lines) if line.startswith("exec "))
+    assert start < wait < job
+    assert lines[start].endswith("&")
+
+
+def test_the_udev_stand_in_completes_exactly_the_device_mapper_cookies() -> None:
+    dm = b"change@/devices/virtual/block/dm-3\0ACTION=change\0SUBSYSTEM=block\0" \
+         b"DEVNAME=dm-3\0DM_COOKIE=223171523\0"
+    event = udevd.parse_uevent(dm)
+    assert event["DM_COOKIE"] == "223171523" and event["DEVNAME"] == "dm-3"
+    assert udevd.cookie_of(event) == "223171523"
+    assert udevd.cookie_of({**event, "DM_COOKIE": "0"}) is None
+    assert udevd.cookie_of({**event, "DEVNAME": "vda"}) is None
+    assert udevd.cookie_of({**event, "SUBSYSTEM": "bdi"}) is None
+    assert udevd.cookie_of(udevd.parse_uevent(b"add@/devices/x\0SUBSYSTEM=block\0")) is None
 
 
 def test_job_script_rejects_a_bad_variable_name(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def isolated_env(**extra: str) -> dict[str, str]:
     """An environment for backends under test: no AWS_* variables except the given ones."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["HOME"] = "/nonexistent-aws-home"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # no instance metadata probes off this host
     env.update(extra)
     return env
 

@@ -72,12 +72,21 @@ def test_tampered_blob_is_invalid_ciphertext(fake_kms: FakeKmsRig) -> None:
         backend.unwrap(b"", wrapped.key, CONTEXT)
 
 
-def test_blob_named_with_another_key_is_invalid_ciphertext(fake_kms: FakeKmsRig) -> None:
+def test_a_record_naming_another_key_is_refused_unless_that_key_is_allowed(
+    fake_kms: FakeKmsRig,
+) -> None:
     backend = fake_kms.backend()
     wrapped = backend.wrap(SEED, CONTEXT)
-    other = RootKeyVersion(key_ref=fake_kms.create_key(), version=wrapped.key.version)
-    with pytest.raises(errors.InvalidCiphertext):
+    other_arn = fake_kms.create_key()
+    other = RootKeyVersion(key_ref=other_arn, version=wrapped.key.version)
+    decrypts = fake_kms.calls.get("Decrypt", 0)
+    with pytest.raises(errors.KeyNotFound, match="previous_key_arns"):
         backend.unwrap(wrapped.ciphertext, other, CONTEXT)
+    assert fake_kms.calls.get("Decrypt", 0) == decrypts  # the stored ARN never reached AWS
+    allowing = fake_kms.backend(previous_key_arns=other_arn)
+    with pytest.raises(errors.InvalidCiphertext):  # allowed: AWS itself refuses the blob
+        allowing.unwrap(wrapped.ciphertext, other, CONTEXT)
+    assert fake_kms.calls.get("Decrypt", 0) == decrypts + 1
 
 
 def test_rotation_changes_the_version_and_old_blobs_still_unwrap(fake_kms: FakeKmsRig) -> None:

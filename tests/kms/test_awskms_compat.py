@@ -419,9 +419,12 @@ def test_a_disabled_root_key_is_reported_disabled_on_every_emulator(emulator: Em
 
 
 def test_a_blob_named_with_another_key_is_refused_on_every_emulator(emulator: Emulator) -> None:
-    backend = emulator.backend()
+    other_arn = emulator.fake.create_key("other")
+    with pytest.raises(errors.KeyNotFound, match="previous_key_arns"):  # refused by us first
+        emulator.backend().unwrap(b"x" * 64, RootKeyVersion(other_arn, "v"), CONTEXT)
+    backend = emulator.backend(previous_key_arns=other_arn)  # allowed: the emulator refuses
     wrapped = backend.wrap(SEED, CONTEXT)
-    other = RootKeyVersion(emulator.fake.create_key("other"), wrapped.key.version)
+    other = RootKeyVersion(other_arn, wrapped.key.version)
     with pytest.raises(errors.BackendError) as caught:
         backend.unwrap(wrapped.ciphertext, other, CONTEXT)
     expected = "AccessDeniedException" if emulator.profile == "local-kms" else "IncorrectKey"

@@ -162,3 +162,23 @@ def test_a_credentials_file_that_is_not_utf8_is_a_clear_backend_error(tmp_path: 
     creds.write_bytes(b"[default]\naws_access_key_id = \xff\xfe\n")
     with pytest.raises(BackendConfigError, match="not UTF-8"):
         read_credentials_file(creds, "default")
+
+
+def test_a_credentials_file_turned_non_utf8_makes_the_awskms_plugin_unhealthy(
+    request: pytest.FixtureRequest, tmp_path: Path, start_plugin: StartPlugin
+):
+    from tests.kms.conftest import make_rig
+
+    rig = make_rig("awskms-fake", request, tmp_path)
+    fake = rig.extra["fake"]
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[default]\naws_access_key_id = {fake.access_key_id}\n"
+                     f"aws_secret_access_key = {fake.secret_access_key}\n")
+    backend = fake.backend(access_key_id=None, secret_access_key=None,
+                           credentials_file=str(creds))
+    rp = start_plugin(rig, backend=backend)
+    assert status(rp.endpoint).healthz == "ok"
+    creds.write_bytes(b"[default]\naws_access_key_id = \xff\xfe\n")
+    rp.plugin.monitor.probe()
+    healthz = status(rp.endpoint).healthz
+    assert healthz != "ok" and "not UTF-8" in healthz

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from the sibling test module)
 """The local keyring never goes back and never loses a rotation (issue 14 point 4)."""
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ from kms_plugin.backends import local
 from kms_plugin.backends.errors import BackendConfigError
 from tests.kms.conftest import BackendRig, StartPlugin
 from tests.kms.test_cli import run
+from tests.kms.test_local_backend import ring  # noqa: F401 - shared fixture
 
 CTX = {"purpose": "test"}
-
-
-@pytest.fixture
-def ring(tmp_path: Path) -> Path:
-    path = tmp_path / "keyring.json"
-    local.keygen(path, "safety")
-    return path
 
 
 def _backup(ring: Path) -> Path:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from the sibling test module)
 """pkcs11 hardening (issue 14 points 1, 2, 7): genuine root keys only, key_ids that name
 one key, the module lock bounded by the caller's deadline, a refused PIN not hammered."""
 
@@ -6,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -22,29 +22,9 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from kms_plugin.backends.base import RootKeyVersion
 from kms_plugin.backends.errors import BackendUnavailable, CredentialsRefused
 from kms_plugin.backends.pkcs11 import Pkcs11Backend, module_lock
+from tests.kms.test_pkcs11_backend import backend, options  # noqa: F401 - shared fixtures
 
 CTX = {"purpose": "test"}
-
-
-@pytest.fixture
-def options(softhsm: Any, tmp_path: Path) -> dict[str, object]:
-    pin = tmp_path / "pin"
-    pin.write_text(softhsm.user_pin + "\n")
-    pin.chmod(0o600)
-    return {
-        "module": softhsm.module,
-        "token_label": softhsm.token_label,
-        "key_label": f"hard-{secrets.token_hex(4)}",
-        "pin_file": str(pin),
-    }
-
-
-@pytest.fixture
-def backend(options: dict[str, object]):
-    b = Pkcs11Backend.from_options(options)
-    b.create_key_version(first=True)
-    yield b
-    b.close()
 
 
 @contextlib.contextmanager
@@ -191,3 +171,68 @@ def test_a_refused_pin_is_not_retried_on_every_call_and_a_fixed_pin_file_is_used
     pin_file.write_text(good)  # the operator fixes the PIN file
     assert backend.wrap(b"k" * 32, CTX).key == backend.current_key()
     assert backend.login_attempts == before + 2
+
+
+def _import_known_key(backend: Pkcs11Backend, obj_id: bytes) -> None:
+    with _session(backend) as s:
+        s.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: b"k" * 32, Attribute.LABEL: backend.key_label,
+            Attribute.ID: obj_id, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+        })
+
+
+def test_a_running_plugin_keeps_its_key_id_and_counts_the_imported_key_in_a_metric(
+    request: pytest.FixtureRequest, tmp_path: Path, start_plugin: Any
+):
+    from edge_common.server import unix_channel
+    from edge_proto.kms.v2 import service_pb2, service_pb2_grpc
+    from tests.kms.conftest import make_rig
+
+    rig = make_rig("pkcs11", request, tmp_path)
+    admin = rig.extra["admin"]
+    try:
+        rp = start_plugin(rig)
+        with unix_channel(rp.endpoint) as ch:
+            before = service_pb2_grpc.KeyManagementServiceStub(ch).Status(
+                service_pb2.StatusRequest(), timeout=5).key_id
+        _import_known_key(admin, b"\x00\x00\x01\x00")
+        rp.plugin.monitor.refresh()
+        rp.plugin.monitor.probe()
+        with unix_channel(rp.endpoint) as ch:
+            after = service_pb2_grpc.KeyManagementServiceStub(ch).Status(
+                service_pb2.StatusRequest(), timeout=5)
+        assert after.key_id == before and after.healthz == "ok"
+        value = rp.plugin.metrics.registry.get_sample_value("kms_plugin_backend_rejected_keys")
+        assert value == 1
+    finally:
+        admin.close()
+
+
+def test_a_refused_pin_makes_the_running_plugin_unhealthy_and_is_counted(
+    request: pytest.FixtureRequest, tmp_path: Path, start_plugin: Any
+):
+    from tests.kms.conftest import make_rig
+
+    rig = make_rig("pkcs11", request, tmp_path)
+    admin = rig.extra["admin"]
+    try:
+        rp = start_plugin(rig)
+        admin.close()  # the test's admin session goes: the plugin's is the only one
+        inner = rp.plugin.backend.inner
+        Path(rig.options["pkcs11_pin_file"]).write_text("999999\n")
+        inner._pin = "999999"  # the token's PIN changed, the PIN file was not updated
+        inner.drop_session()
+        snap = rp.plugin.monitor.probe()
+        assert snap.state == "unhealthy" and "refuses the credentials" in snap.reason
+        value = rp.plugin.metrics.registry.get_sample_value(
+            "kms_plugin_backend_calls_total",
+            {"backend": "pkcs11", "operation": "current_key", "outcome": "credentials_refused"})
+        assert value == 1
+        attempts = inner.login_attempts
+        rp.plugin.monitor.probe()
+        assert inner.login_attempts == attempts  # backed off
+    finally:
+        admin.close()

@@ -16,7 +16,8 @@ from edge_common.loopdisk import device_fingerprint
 from node_resource_manager.devices import HostPaths
 from node_resource_manager.reconcile import Outcome
 from node_resource_manager.safety import Reason, namespace_problems
-from tests.nrm.conftest import NrmRig, entry, topology_text
+from node_resource_manager.sources import config_from_text
+from tests.nrm.conftest import ADMITTED, NrmRig, entry, topology_text
 
 MiB = 1 << 20
 
@@ -147,3 +148,24 @@ def test_cli_refuses_with_exit_2_when_the_namespace_is_wrong(nrm: NrmRig) -> Non
     assert out.returncode == 2, out.stdout + out.stderr
     assert "HostStateUnknown" in out.stdout and "hostPID" in out.stdout
     assert nrm.pv_vg(disk.device) is None
+
+
+def test_patterns_that_cannot_be_matched_are_a_problem_not_an_empty_match(nrm: NrmRig) -> None:
+    """sysfs cannot list the block devices: the VG's members are not reported as removed and
+    the result needs a person (exit 2)."""
+    (disk,) = nrm.disks(1)
+    vg = nrm.vg_name()
+    name = disk.device.removeprefix("/dev/")
+    spec = entry(vg, [])
+    spec["topology"] = {"type": "pattern", "patterns": [name]}
+    assert nrm.reconcile(topology_text(spec)).outcome is Outcome.CONVERGED
+    assert nrm.pv_vg(disk.device) == vg
+    fake = nrm.tmp / "sys"
+    fake.mkdir()  # no class/block in it
+    reconciler = nrm.reconciler()
+    reconciler.planner.paths = HostPaths(sys=fake, dev_disk=nrm.dev_disk)
+    result = reconciler.reconcile(config_from_text(topology_text(spec), "test", "1"), ADMITTED)
+    assert result.outcome is Outcome.DEVICES_REFUSED
+    assert any("cannot be listed" in p for p in result.problems)
+    assert result.status["removedFromConfig"] == []
+    assert result.status["volumeGroups"][0]["state"] == "Ready"

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 
 from edge_common.commands import run
-from edge_common.loopdisk import backing_file_of
+from edge_common.loopdisk import backing_file_of, write_signature
 from edge_common.lvm import Lvm
 from node_resource_manager.devices import HostPaths, resolve
 from node_resource_manager.events import LogSink
 from node_resource_manager.identity import IdentityUnknown, Pins, read_identity
 from node_resource_manager.journal import Journal
 from node_resource_manager.metrics import Metrics
+from node_resource_manager.plan import Planner
 from node_resource_manager.reconcile import Outcome, Reconciler
 from node_resource_manager.safety import Reason, SafetyChecker
 from node_resource_manager.sources import config_from_text
+from node_resource_manager.topology import parse_topology
 from tests.nrm.conftest import ADMITTED, GATE, NrmRig, entry, topology_text
 
 MiB = 1 << 20
@@ -333,3 +335,53 @@ def test_wwn_and_serial_from_udevs_database_are_part_of_the_identity(nrm: NrmRig
         assert pinned.verify(paths) == [
             "wwn 0x5000c500a1b2c3d4 -> 0x5000c500ffffffff",
             "serial ST4000NM_Z1Z2Z3 -> ST4000NM_OTHER"]
+
+
+def test_medium_changed_after_its_pvcreate_stays_out_of_the_vg_and_in_the_journal(
+    nrm: NrmRig,
+) -> None:
+    """Verified again before vgcreate: a disk whose medium changed right after its pvcreate
+    is left out of the VG (the others go in); its journal entry stays, so it is reported and
+    never silently adopted by a later run on another medium."""
+    changing, steady = nrm.disks(2)
+    vg = nrm.vg_name()
+    wrapper = _script(nrm.tmp / "grow-after-pvcreate", f"""
+lvm "$@"; rc=$?
+for last; do :; done
+if [ "$1" = pvcreate ] && [ "$(readlink -f "$last")" = {changing.device} ]; then
+  truncate -s +4M {changing.path}; losetup --set-capacity {changing.device}
+fi
+exit $rc
+""")
+    nrm.lvm = Lvm(Lvm.settings_for_this_kernel(command=(wrapper,)))
+    result = nrm.reconcile(topology_text(entry(vg, [changing.device, steady.device])))
+    assert result.outcome is Outcome.DEVICES_REFUSED, result.message
+    assert [(d["device"], [r["reason"] for r in d["reasons"]])
+            for d in result.status["excludedDevices"]] == [
+        (changing.device, [Reason.IDENTITY_CHANGED])]
+    assert nrm.pv_vg(steady.device) == vg and nrm.pv_vg(changing.device) == ""
+    (orphan,) = [pv for pv in nrm.lvm.pvs() if pv.name == changing.device]
+    pending = Journal(nrm.state_dir).pending()
+    assert list(pending) == [orphan.uuid]
+    # Its medium is not the one recorded any more: a stranger from now on.
+    again = nrm.reconcile(topology_text(entry(vg, [changing.device, steady.device])))
+    assert again.plan is not None
+    assert [r.reasons for r in again.plan.refusals] == [(Reason.UNCLAIMED_PV,)]
+
+
+def test_only_the_devices_to_be_written_stay_held_after_planning(nrm: NrmRig) -> None:
+    good, bad = nrm.disks(2)
+    write_signature(bad.device, "ext4")
+    vg = nrm.vg_name()
+    paths = nrm.paths()
+    checker = SafetyChecker(nrm.safety_settings())
+    planner = Planner(checker, Journal(None), paths)
+    report = nrm.lvm.report()
+    specs = parse_topology(topology_text(entry(vg, [good.device, bad.device]))).for_node(
+        ADMITTED)
+    with Pins(paths) as pins:
+        plan = planner.plan(specs, report, checker.snapshot(report.pvs), pins)
+        assert [r.listed for r in plan.refusals] == [bad.device]
+        assert [p.device.node for p in pins] == [good.device]
+        held = [os.readlink(f"/proc/self/fd/{p.fd}") for p in pins]
+        assert held == [good.device]

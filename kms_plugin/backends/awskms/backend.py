@@ -45,6 +45,7 @@ from kms_plugin.backends.awskms.client import (
     aws_error_type,
 )
 from kms_plugin.backends.awskms.credentials import (
+    check_endpoint_scheme,
     resolve_credentials,
     resolve_endpoint,
     resolve_region,
@@ -56,6 +57,7 @@ from kms_plugin.backends.errors import (
     BackendUnavailable,
     InvalidCiphertext,
     KeyDisabled,
+    KeyNotFound,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class AwsKmsOptions:
     retry_max_seconds: float = 1.0
     breaker_failure_threshold: int = 5
     breaker_reset_seconds: float = 10.0
+    allow_http: str | None = None  # "true": plain http to a non-loopback endpoint is allowed
+    previous_key_arns: str | None = None  # comma-separated ARNs Decrypt may still use
 
     def __repr__(self) -> str:  # never show secrets
         shown = {
@@ -122,6 +126,10 @@ class AwsKmsOptions:
                     if isinstance(raw, bool):
                         raise ValueError(raw)
                     value = int(raw)  # type: ignore[call-overload]
+                elif isinstance(raw, bool):  # flags of the plugin config
+                    value = "true" if raw else "false"
+                elif isinstance(raw, list | tuple):
+                    value = ",".join(str(item) for item in raw)
                 else:
                     if not isinstance(raw, str):
                         raise ValueError(raw)
@@ -163,6 +171,13 @@ class AwsKmsBackend(KeyBackend):
         self.options = options
         self.region = resolve_region(options.region, options.key_id, environ)
         self.endpoint = resolve_endpoint(options.endpoint_url, self.region, environ)
+        check_endpoint_scheme(self.endpoint, _truthy(options.allow_http))
+        self.previous_key_arns = frozenset(
+            a.strip() for a in (options.previous_key_arns or "").split(",") if a.strip()
+        )
+        bad = sorted(a for a in self.previous_key_arns if not a.startswith("arn:"))
+        if bad:
+            raise BackendConfigError(f"awskms previous_key_arns must be key ARNs: {bad}")
         credentials = resolve_credentials(
             access_key_id=options.access_key_id,
             secret_access_key=options.secret_access_key,
@@ -170,6 +185,7 @@ class AwsKmsBackend(KeyBackend):
             credentials_file=options.credentials_file,
             profile=options.profile,
             env=environ,
+            region=self.region,
         )
         extra: dict[str, Any] = {} if clock is None else {"clock": clock}
         self.breaker = CircuitBreaker(
@@ -292,6 +308,7 @@ class AwsKmsBackend(KeyBackend):
     ) -> bytes:
         if not 1 <= len(ciphertext) <= MAX_CIPHERTEXT:
             raise InvalidCiphertext("wrapped key has an impossible length for AWS KMS")
+        self._check_decrypt_key(key.key_ref, deadline)
         payload: dict[str, Any] = {
             "KeyId": key.key_ref,
             "CiphertextBlob": base64.b64encode(ciphertext).decode("ascii"),
@@ -305,6 +322,22 @@ class AwsKmsBackend(KeyBackend):
 
     def close(self) -> None:
         self.client.close()
+
+    def _check_decrypt_key(self, key_ref: str, deadline: float | None) -> None:
+        """Decrypt only with the configured key or an explicitly allowed earlier one: the key
+        named in a stored record is attacker-controlled input (whoever can write etcd)."""
+        if key_ref in self.previous_key_arns or key_ref == self.options.key_id:
+            return
+        with self._lock:
+            current = self._current
+        if current is None:
+            current = self.current_key(deadline=deadline)
+        if key_ref != current.key_ref:
+            raise KeyNotFound(
+                f"AWS KMS key {key_ref} is neither the configured key nor in "
+                "previous_key_arns; refused (add it to --awskms-previous-key-arns if data "
+                "written under it must stay readable)"
+            )
 
     # -- internals --------------------------------------------------------------------------
 
@@ -409,6 +442,10 @@ class AwsKmsBackend(KeyBackend):
                 raise BackendError("AWS KMS ListKeyRotations is truncated without a new marker")
             marker = next_marker
         return "r0" if count == 0 else f"r{count}-{latest_ms}"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _arn_part(value: str, index: int) -> str:

@@ -1,15 +1,19 @@
-"""AWS credentials and region: from options, the environment, or the shared credentials file.
+"""AWS credentials, region and endpoint: the AWS SDKs' credential chain.
 
-The order is the one the AWS SDKs use for the sources we support:
+The order is the one the AWS SDKs use:
 
-1. explicit options (``access_key_id`` + ``secret_access_key`` [+ ``session_token``]);
+1. explicit options (``access_key_id`` + ``secret_access_key`` [+ ``session_token``]) from the
+   config file or ``KMS_PLUGIN_AWSKMS_*`` environment (secrets are never flags);
 2. the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``);
 3. the shared credentials file (``credentials_file`` option, ``AWS_SHARED_CREDENTIALS_FILE``,
    else ``~/.aws/credentials``), section ``profile`` (option, ``AWS_PROFILE``, else
    ``default``).  The file is re-read when its modification time changes, so credentials
-   rotated on disk are picked up without a restart.
+   rotated on disk are picked up without a restart;
+4. web identity (IRSA), 5. container credentials, 6. IMDSv2: temporary credentials refreshed
+   before they expire (:mod:`kms_plugin.backends.awskms.chain`).
 
-Instance metadata, container credentials, SSO and web identity are not implemented.
+SSO and credential_process are not implemented.  The KMS endpoint must be https; plain
+``http://`` is accepted only for loopback hosts unless ``allow_http`` says otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kms_plugin.backends.errors import BackendConfigError, BackendError
 
@@ -127,6 +132,7 @@ def resolve_credentials(
     credentials_file: str | None,
     profile: str | None,
     env: Mapping[str, str] | None = None,
+    region: str = "us-east-1",
 ) -> CredentialsProvider:
     """Pick the credentials source by the documented precedence."""
     environ: Mapping[str, str] = os.environ if env is None else env
@@ -162,13 +168,55 @@ def resolve_credentials(
     )
     chosen_profile = profile or environ.get("AWS_PROFILE") or "default"
     if not path.exists():
+        if credentials_file or profile:
+            raise BackendConfigError(f"AWS shared credentials file {path} does not exist")
+        temporary = _temporary_source(environ, region)
+        if temporary is not None:
+            return temporary  # type: ignore[return-value]  # same get() / source
         raise BackendConfigError(
             "no AWS credentials: set access_key_id/secret_access_key, the AWS_ACCESS_KEY_ID/"
-            f"AWS_SECRET_ACCESS_KEY environment, or a shared credentials file ({path} missing)"
+            f"AWS_SECRET_ACCESS_KEY environment, a shared credentials file ({path} missing), "
+            "web identity (AWS_WEB_IDENTITY_TOKEN_FILE), container credentials, or allow "
+            "instance metadata (AWS_EC2_METADATA_DISABLED is true)"
         )
     provider = CredentialsProvider(credentials_file=path, profile=chosen_profile)
     provider.get()  # validate now: a wrong profile is a startup error, not a runtime one
     return provider
+
+
+def _temporary_source(environ: Mapping[str, str], region: str) -> object | None:
+    """Web identity, container credentials or IMDSv2, in the SDKs' order."""
+    from kms_plugin.backends.awskms import chain
+
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return chain.web_identity(environ, region)
+    if environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or environ.get(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+    ):
+        return chain.container(environ)
+    if not chain.metadata_disabled(environ):
+        return chain.instance_metadata(environ)
+    return None
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def check_endpoint_scheme(endpoint: str, allow_http: bool) -> None:
+    """https always; plain http only to loopback (tests, a local proxy) unless allowed."""
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https":
+        return
+    if parts.scheme != "http":
+        raise BackendConfigError(f"awskms endpoint_url {endpoint!r} must be https://")
+    host = parts.hostname or ""
+    if host in _LOOPBACK or host.startswith("127.") or allow_http:
+        return
+    raise BackendConfigError(
+        f"awskms endpoint_url {endpoint!r} is plain http to a non-loopback host: credentials "
+        "signatures and wrapped keys would cross the network unprotected; use https, or set "
+        "--awskms-allow-http if a trusted proxy is meant"
+    )
 
 
 def resolve_region(region: str | None, key_id: str, env: Mapping[str, str] | None = None) -> str:
@@ -204,6 +252,7 @@ def resolve_endpoint(
 __all__ = [
     "AwsCredentials",
     "CredentialsProvider",
+    "check_endpoint_scheme",
     "default_credentials_file",
     "read_credentials_file",
     "resolve_credentials",
