@@ -32,6 +32,12 @@ _FORMAT_ARGS = ("--type", "luks2", "--batch-mode", "--cipher", CIPHER, "--key-si
                 "--luks2-metadata-size", "16k", "--luks2-keyslots-size", "992k")
 
 
+# libdevmapper makes /dev/mapper/<name> itself and does not wait for udev rules, as the
+# driver's LVM does (udev_rules = 0): the node exists when cryptsetup returns, with or
+# without a udev that has device-mapper rules.
+_ENV = {"DM_DISABLE_UDEV": "1"}
+
+
 class CryptError(Exception):
     """cryptsetup failed, timed out or is missing (the message says which)."""
 
@@ -59,7 +65,7 @@ class Cryptsetup:
     def _run(self, *args: str, secret: bytes | None = None, doing: str) -> str:
         argv = [self.binary, *args]
         try:
-            result = run(argv, timeout=self.timeout, input=secret)
+            result = run(argv, timeout=self.timeout, input=secret, env=_ENV)
         except CommandNotFound:
             raise CryptError(f"{doing}: {self.binary} is not installed on this node",
                              missing=True) from None

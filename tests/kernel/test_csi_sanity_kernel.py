@@ -105,7 +105,10 @@ def guest(request: pytest.FixtureRequest, kernel_disk_paths: list[str], lvm: Lvm
     sock_dir = Path(f"/tmp/ksan-{secrets.token_hex(4)}")
     sock_dir.mkdir()
     config = make_config(vg, sock_dir, default_volume_size=TEST_VOLUME_SIZE,
-                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other], **extra)
+                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other],
+                         # csi-sanity calls CreateVolume once: a clone's copy (seconds under
+                         # emulation) must finish inside that call, not answer ABORTED.
+                         data_job_wait_seconds=RPC_TIMEOUT, **extra)
     driver = Driver(config)
     driver.start()
     channel = unix_channel(config.endpoint)
