@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=float(env("KERNEL_GUEST_TIMEOUT", "900")),
+        default=float(env("KERNEL_GUEST_TIMEOUT", "2700")),
         help="seconds for the whole guest run before qemu is killed "
         "(env KERNEL_GUEST_TIMEOUT; default %(default)s)",
     )
