@@ -6,7 +6,7 @@ a Normal `ThinPoolBelowThreshold`. The gauge csi_lvm_thin_pool_over_threshold sa
 at every scrape (capacity.LvmCollector).
 
 Events go to the Kubernetes API when the driver runs in a cluster (or has a kubeconfig), else
-to the log only; the node agent's Event sink is reused (same shape, same deduplication).
+to the log only, through the Event sinks all three services share (edge_common.events).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Protocol
 
 from csi_lvm.capacity import PoolThresholds, pool_space
 from csi_lvm.config import CsiConfig
+from edge_common.events import LogEvents, NodeEvents
+from edge_common.kubeapi import ApiError, make_client
 from edge_common.lvm import LvmReport
 
 log = logging.getLogger(__name__)
@@ -71,17 +73,12 @@ class PoolWatch:
 
 def make_sink(config: CsiConfig) -> EventSink:
     """Kubernetes Events on this Node when in a cluster (or given a kubeconfig); else log."""
-    from node_resource_manager.events import LogSink
-
     if config.kube_events and (config.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
-        from edge_common.kubeapi import ApiError
-        from node_resource_manager.kube import KubeSink, make_client
-
         try:
             api = make_client(config.kubeconfig)
         except (ApiError, OSError, ValueError, KeyError) as exc:
             log.warning("no Kubernetes API for Events; they go to the log only",
                         extra={"error": str(exc)})
         else:
-            return KubeSink(api, node_name=config.node_id, annotation="", component=COMPONENT)
-    return LogSink()
+            return NodeEvents(api, node_name=config.node_id, component=COMPONENT)
+    return LogEvents()

@@ -41,8 +41,7 @@ def published_capacity(config: CsiConfig) -> PublishedCapacity | None:
     """Mode controller: the nodes' CSIStorageCapacity objects, when the API is reachable."""
     if config.mode is not Mode.CONTROLLER:
         return None
-    from edge_common.kubeapi import ApiError
-    from node_resource_manager.kube import make_client
+    from edge_common.kubeapi import ApiError, make_client
 
     try:
         api = make_client(config.kubeconfig)

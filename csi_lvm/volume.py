@@ -55,6 +55,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from edge_common.lvm.pool_tags import OVERPROVISION_TAG
+
 TAG_PREFIX = "csi-lvm.edge.io/"
 TAG_OWNER = TAG_PREFIX + "owner="
 TAG_KIND = TAG_PREFIX + "kind="
@@ -66,7 +68,7 @@ TAG_CONTEXT = TAG_PREFIX + "ctx="
 TAG_PENDING = TAG_PREFIX + "pending"
 TAG_PLAIN_DELETE = TAG_PREFIX + "plain-delete"
 TAG_UNFINISHED = TAG_PREFIX + "unfinished"
-TAG_OVERPROVISION = TAG_PREFIX + "overprovision="  # on a thin pool (set by the operator/NRM)
+TAG_OVERPROVISION = OVERPROVISION_TAG  # on a thin pool (set by the operator/NRM)
 MAX_TAG_LEN = 1024
 
 KIND_VOLUME = "volume"

@@ -249,3 +249,8 @@ def _error(status: int, reason: str, data: bytes) -> ApiError:
     except ValueError:
         pass
     return ApiError(status, reason, message)
+
+
+def make_client(kubeconfig: str) -> KubeClient:
+    """From a kubeconfig file, or in-cluster (the pod's service account) when empty."""
+    return KubeClient(load_kubeconfig(kubeconfig) if kubeconfig else in_cluster_config())

@@ -9,11 +9,10 @@ metrics.  Best effort: a failure to record an Event is logged, never fatal.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import secrets
 
+from edge_common.events import event_body
 from edge_common.kubeapi import ApiError, KubeClient, in_cluster_config, load_kubeconfig
 
 log = logging.getLogger("kms_plugin.events")
@@ -61,28 +60,13 @@ class KubeEventNotifier:
         return cls(client, namespace, pod, os.environ.get("NODE_NAME", ""))
 
     def _record(self, event_type: str, reason: str, message: str) -> None:
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        source = {"component": COMPONENT}
-        if self.node_name:
-            source["host"] = self.node_name
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{self.pod_name}.{secrets.token_hex(8)}",
-                         "namespace": self.namespace},
-            "involvedObject": {"kind": "Pod", "name": self.pod_name,
-                               "namespace": self.namespace, "apiVersion": "v1"},
-            "reason": reason,
-            "message": message[:1024],
-            "type": event_type,
-            "source": source,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "reportingComponent": COMPONENT,
-            "reportingInstance": self.node_name or self.pod_name,
-        }
-        self._client.request("POST", f"/api/v1/namespaces/{self.namespace}/events", body=event)
+        involved = {"kind": "Pod", "name": self.pod_name, "namespace": self.namespace,
+                    "apiVersion": "v1"}
+        body = event_body(involved=involved, namespace=self.namespace, reason=reason,
+                          message=message, warning=event_type == "Warning",
+                          component=COMPONENT, host=self.node_name,
+                          instance=self.node_name or self.pod_name)
+        self._client.request("POST", f"/api/v1/namespaces/{self.namespace}/events", body=body)
 
     def root_key_unusable(self, reason: str, message: str) -> None:
         self._record(

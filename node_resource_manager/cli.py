@@ -69,8 +69,8 @@ def run(cfg: NrmConfig) -> int:
         source = FileSource(cfg.topology_file, cfg.node_labels)
         sink = LogSink(cfg.status_file or None, deduper)
     else:
-        from edge_common.kubeapi import ApiError
-        from node_resource_manager.kube import KubeSink, KubeSource, make_client
+        from edge_common.kubeapi import ApiError, make_client
+        from node_resource_manager.kube import KubeSink, KubeSource
 
         try:
             api = make_client(cfg.kubeconfig)

@@ -13,7 +13,6 @@ agent's own Node, selected with metadata.name); events create.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -22,30 +21,18 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from edge_common.kubeapi import (
-    ApiError,
-    KubeClient,
-    in_cluster_config,
-    load_kubeconfig,
-)
-from node_resource_manager.events import Deduper
+from edge_common.events import Deduper, NodeEvents
+from edge_common.kubeapi import ApiError, KubeClient
 from node_resource_manager.reconcile import ConfigState
 from node_resource_manager.sources import Snapshot, config_from_text
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "node-resource-manager"
-EVENT_NAMESPACE = "default"  # Events about cluster-scoped objects (Nodes) live here
-MAX_MESSAGE = 1024
 
 
 class KubeError(Exception):
     """The API server could not be reached or refused a request we cannot do without."""
-
-
-def make_client(kubeconfig: str) -> KubeClient:
-    """From a kubeconfig file, or in-cluster (the pod's service account) when empty."""
-    return KubeClient(load_kubeconfig(kubeconfig) if kubeconfig else in_cluster_config())
 
 
 def _q(name: str) -> str:
@@ -233,18 +220,16 @@ class KubeSink:
         heartbeat: float = 300.0,
         deduper: Deduper | None = None,
         node_uid: Callable[[], str | None] = lambda: None,
-        component: str = COMPONENT,
     ) -> None:
         self.api = api
-        self.component = component  # csi-lvm posts its Events on the Node through this too
         self.node_name = node_name
         self.annotation = annotation
         self.heartbeat = heartbeat
-        self.deduper = deduper or Deduper()
-        self.node_uid = node_uid
+        self.events = NodeEvents(api, node_name=node_name, component=COMPONENT,
+                                 deduper=deduper, node_uid=node_uid)
         self._last: dict[str, Any] | None = None
         self._last_time = 0.0
-        self.failures = 0
+        self._status_failures = 0
 
     def status(self, summary: dict[str, Any]) -> None:
         comparable = {k: v for k, v in summary.items()
@@ -258,41 +243,15 @@ class KubeSink:
             self.api.request("PATCH", f"/api/v1/nodes/{_q(self.node_name)}", body=body,
                              content_type="application/merge-patch+json")
         except ApiError as exc:
-            self.failures += 1
+            self._status_failures += 1
             log.warning("could not patch the status annotation", extra={"error": str(exc)})
             return
         self._last = comparable
         self._last_time = now
 
     def event(self, reason: str, message: str, *, warning: bool) -> None:
-        if not self.deduper.admit(reason, message):
-            return
-        now = dt.datetime.now(dt.UTC)
-        stamp = now.isoformat(timespec="seconds").replace("+00:00", "Z")
-        body: dict[str, Any] = {
-            "metadata": {
-                "name": f"{self.node_name}.{time.time_ns():x}",
-                "namespace": EVENT_NAMESPACE,
-            },
-            "involvedObject": {
-                "apiVersion": "v1", "kind": "Node", "name": self.node_name,
-                "uid": self.node_uid() or self.node_name,
-            },
-            "reason": reason,
-            "message": message[:MAX_MESSAGE],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": self.component, "host": self.node_name},
-            "reportingComponent": self.component,
-            "reportingInstance": self.node_name,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            self.api.request("POST", f"/api/v1/namespaces/{EVENT_NAMESPACE}/events", body=body)
-        except ApiError as exc:
-            self.failures += 1
-            log.warning("could not create an Event", extra={"reason": reason,
-                                                             "error": str(exc)})
-        level = logging.WARNING if warning else logging.INFO
-        log.log(level, message, extra={"event_reason": reason})
+        self.events.event(reason, message, warning=warning)
+
+    @property
+    def failures(self) -> int:
+        return self._status_failures + self.events.failures

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edge_common.lvm import LogicalVolume, LvmReport, VolumeGroup
+from edge_common.lvm.pool_tags import OVERPROVISION_TAG
 from node_resource_manager.devices import BlockDevice, HostPaths, ResolveError, expand_pattern
 from node_resource_manager.devices import resolve as resolve_device
 from node_resource_manager.identity import IdentityUnknown, Pins
@@ -99,9 +100,6 @@ class RetagThinPool:
 
 
 Action = CreateVolumeGroup | ExtendVolumeGroup | CreateThinPool | ExtendThinPool | RetagThinPool
-
-#: The CSI driver reads a thin pool's overprovision ratio from this tag (csi_lvm.volume).
-OVERPROVISION_TAG = "csi-lvm.edge.io/overprovision="
 
 MIB = 1 << 20
 

@@ -22,9 +22,9 @@ from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
 from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.volume import TAG_OVERPROVISION
+from edge_common.events import LogEvents
 from edge_common.lvm import LogicalVolume, LvmReport
 from edge_common.lvm.attr import LvAttr
-from node_resource_manager.events import LogSink
 
 MiB = 1 << 20
 VG = "vg0"
@@ -135,7 +135,7 @@ def test_metrics_show_the_room_and_raise_the_threshold_gauge() -> None:
 
 
 def test_a_pool_crossing_its_threshold_gives_one_warning_event_and_one_when_back() -> None:
-    sink = LogSink()
+    sink = LogEvents()
     watch = PoolWatch(sink, 1.0, T, "node-a")
     watch(report(pool(data=50.0)))
     assert sink.events == []
@@ -152,4 +152,4 @@ def test_a_pool_crossing_its_threshold_gives_one_warning_event_and_one_when_back
 def test_outside_a_cluster_events_go_to_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     config = CsiConfig(node_id="n")
-    assert isinstance(make_sink(config), LogSink)
+    assert isinstance(make_sink(config), LogEvents)

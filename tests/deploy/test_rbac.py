@@ -35,7 +35,8 @@ from tests.deploy.kube_calls import (
 from tests.deploy.manifests import ROOT, Obj, container, find, one, pod_spec, rules_of
 
 NRM_COMPONENT = "node-resource-manager"
-NRM_FILES = package_files(ROOT / "node_resource_manager")
+# The agent posts its Events through the Event sink the services share.
+NRM_FILES = [*package_files(ROOT / "node_resource_manager"), ROOT / "edge_common" / "events.py"]
 
 
 def nrm_roles(objs: tuple[Obj, ...]) -> list[Obj]:
@@ -292,8 +293,9 @@ def test_csi_driver_calls_only_what_its_service_accounts_grant(base: tuple[Obj, 
     assert needed <= granted(resizer)
     namespace = CsiConfig.__dataclass_fields__["storage_capacity_namespace"].default
     assert {r["metadata"]["namespace"] for r in resizer if r["kind"] == "Role"} == {namespace}
-    # The DaemonSet's csi-lvm posts Events on its Node through the node agent's sink; the
-    # service account it shares with csi-provisioner may create Events.
+    # The DaemonSet's csi-lvm posts Events on its Node through the shared sink
+    # (edge_common/events.py); the service account it shares with csi-provisioner may create
+    # Events.
     assert Permission("", "events", "create", False) in granted(
         _roles_named(base, "csi-lvm-provisioner"))
 
