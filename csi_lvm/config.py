@@ -139,6 +139,15 @@ class CsiConfig:
         "ABORTED (pending) and letting it finish in the background; retries answer ABORTED with "
         "the progress until it is done", metavar="SECONDS",
     )
+    finish_delay_seconds: float = option(
+        0.2, help="how long the background finisher gathers new volumes before it drops their "
+        "'unfinished' tag in one lvchange (a burst of CreateVolume costs one LVM process, not "
+        "one each); the tag is harmless meanwhile", metavar="SECONDS",
+    )
+    finish_retry_seconds: float = option(
+        5.0, help="after a failed background lvchange of the finisher, wait this long before "
+        "retrying (nothing is dropped)", metavar="SECONDS",
+    )
     clone_via_snapshot: bool = option(
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
         "consistent while the source is in use",
@@ -211,6 +220,9 @@ class CsiConfig:
                 raise ValueError(f"{what} must be above 0 and at most 100")
         if self.max_data_jobs < 1 or self.data_job_wait_seconds < 0:
             raise ValueError("max_data_jobs must be at least 1, data_job_wait_seconds >= 0")
+        if self.finish_delay_seconds < 0 or self.finish_retry_seconds <= 0:
+            raise ValueError("finish_delay_seconds must not be negative and "
+                             "finish_retry_seconds must be positive")
         if self.vg_recheck_seconds < 0:
             raise ValueError("vg_recheck_seconds must not be negative")
         if self.capacity_refresh_seconds <= 0 or self.lvm_timeout_seconds <= 0:

@@ -7,9 +7,10 @@ Crash and fault safety (SIGKILL at any point, or a fault inside one LVM command,
 and retry, converges; see csi_lvm/finish.py, facts.py, inuse.py, recovery.py):
 - Every LV is born `unfinished` (tag set by its own lvcreate): LVM commits the metadata before
   it wipes the LV, so a killed lvcreate can leave a tagged LV holding an earlier tenant's
-  data. The driver finishes it (O_EXCL head/tail wipe, then the tag removed) before it answers
-  (with device-mapper), or before anyone reads it: the first publish, a snapshot or clone of
-  it, or a CreateVolume retry.
+  data. With device-mapper the driver wipes it (O_EXCL head/tail) before it answers and drops
+  the tag in a batched background lvchange (csi_lvm/finish.py: no extra LVM process on the
+  critical path); whoever reads it first (the first publish, a snapshot or clone of it, a
+  CreateVolume retry) finishes it if that has not happened yet.
 - A CreateVolume that must fill the LV (copy from a snapshot/volume, or zero a raw block
   volume) creates it `pending` too and removes both tags in one lvchange as its last step.
   A pending LV was never handed out: the retry (or the start-up sweep) removes and redoes it.
@@ -270,8 +271,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
     def __init__(self, config: CsiConfig, lvm: Lvm | None, cache: CapacityCache | None,
                  locks: InFlight | None = None,
                  published: PublishedCapacity | None = None, jobs: Jobs | None = None, *,
-                 encryption: VolumeEncryption | None = None) -> None:
+                 encryption: VolumeEncryption | None = None,
+                 finisher: finish.Finisher | None = None) -> None:
         self.cfg = config
+        self.finisher = finisher  # drops `unfinished` of wiped new LVs off the critical path
         self.encryption = encryption or VolumeEncryption(KeyBackends(None))
         self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds)
         self.published = published  # mode controller: what the nodes publish
@@ -641,12 +644,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 with lvm_errors(f"finishing {ref}"):
                     self.lvm.deltag(ref.vg, ref.lv, [TAG_PENDING])
             elif self.live:
-                # _populate made it safe (head and tail zeroed; a thin volume needs nothing):
-                # finished before it is handed out, so whatever is written into it from now on
-                # is never wiped by a first use. Without device-mapper it cannot be made safe
-                # here: its first activation (NodePublishVolume) finishes it.
-                with lvm_errors(f"finishing {ref}"):
-                    self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
+                # _populate made it safe (head and tail zeroed; a thin volume needs nothing).
+                # Without device-mapper it cannot be made safe here: its first activation
+                # (NodePublishVolume) finishes it.
+                self._finished_new(ref, size)
 
         def discard() -> None:
             log.warning("filling the new volume failed; removing it")
@@ -721,15 +722,38 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if not size_fits(lv.size, required, limit):
             raise AlreadyExists(f"volume {name!r} exists with {lv.size} bytes, outside the "
                                 f"requested capacity range")
-        if own.unfinished:
+        if own.unfinished and not self._queued(lv):  # a queued one is wiped: answered as is
             self._finish(ref, lv)
         return self._volume_msg(ref, lv, own)
 
+    def _finished_new(self, ref: LvRef, size: int) -> None:
+        """A new plain LV just made safe: its `unfinished` tag goes in the finisher's next
+        batch (no LVM process here), or at once when there is no finisher or the kernel does
+        not name the LV's UUID."""
+        uuid = finish.wiped_lv_uuid(ref) if self.finisher is not None else ""
+        if self.finisher is not None and uuid:
+            self.finisher.queue(ref, uuid, size)
+            return
+        with lvm_errors(f"finishing {ref}"):
+            self.lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
+
+    def _queued(self, lv: LogicalVolume) -> bool:
+        """Wiped at its present size by this process, its tag removal queued."""
+        return self.finisher is not None and self.finisher.queued(lv.uuid, lv.size)
+
     def _finish(self, ref: LvRef, lv: LogicalVolume) -> None:
         """Make an unfinished volume (never used: e.g. its lvcreate was killed before its own
-        wipe) safe and mark it finished; without device-mapper its first activation will."""
+        wipe) safe and mark it finished; without device-mapper its first activation will.
+        One this process wiped and queued (finish.Finisher) only has its tag dropped."""
         if not self.live:
             return
+        if self.finisher is not None:
+            try:
+                with lvm_errors(f"finishing {ref}"):
+                    if self.finisher.settle(ref, lv.uuid, lv.size):
+                        return
+            finally:
+                self.cache.invalidate()
         log.info("finishing a volume that was never made safe", extra={"volume_id": ref.id})
         with lvm_errors(f"activating {ref} to finish it"):
             if not lv.is_active:

@@ -54,6 +54,7 @@ from csi_lvm.config import CsiConfig
 from csi_lvm.controller import lv_condition
 from csi_lvm.cryptsetup import mapper_path
 from csi_lvm.encryption import VolumeEncryption, is_encrypted, mapper_name
+from csi_lvm.finish import Finisher
 from csi_lvm.finish import finish as finish_volume
 from csi_lvm.locks import InFlight, thin_pool_key
 from csi_lvm.mounter import (
@@ -125,6 +126,7 @@ class NodeVolume:
     thin: bool = False  # a thin LV grows without taking VG space
     unfinished: bool = False  # never made safe yet: the first publish finishes it
     pool: str = ""  # the thin pool of a thin LV
+    uuid: str = ""  # the LV UUID (a queued tag removal is found by it: csi_lvm/finish.py)
 
 
 class VolumeBackend(Protocol):
@@ -157,9 +159,10 @@ class LvmVolumes:
     def __init__(self, lvm: Lvm, driver_name: str,
                  on_change: Callable[[], None] | None = None, *,
                  thresholds: PoolThresholds | None = None, default_ratio: float = 1.0,
-                 locks: InFlight | None = None) -> None:
+                 locks: InFlight | None = None, finisher: Finisher | None = None) -> None:
         self.lvm = lvm
         self.driver_name = driver_name
+        self.finisher = finisher  # the controller's, in one process (mode all)
         self.on_change = on_change
         self.thresholds = thresholds or PoolThresholds()
         self.default_ratio = default_ratio
@@ -189,10 +192,14 @@ class LvmVolumes:
         pool = self.lvm.get_lv(ref.vg, lv.pool_lv) if lv.is_thin and lv.pool_lv else None
         return NodeVolume(volume_id, ref.device_path, lv.size, lv.is_active, context,
                           lv_problem(lv, pool, self.thresholds), max(1, lv.stripes),
-                          lv.is_thin, unfinished, lv.pool_lv or "")
+                          lv.is_thin, unfinished, lv.pool_lv or "", lv.uuid)
 
     def finish(self, volume: NodeVolume) -> NodeVolume:
-        finish_volume(self.lvm, parse_id(volume.volume_id), volume.size, thin=volume.thin)
+        ref = parse_id(volume.volume_id)
+        # Wiped by CreateVolume with its tag removal queued: drop the tag now, no second
+        # wipe. Otherwise (no queue entry: another process life, or grown since) wipe again.
+        if self.finisher is None or not self.finisher.settle(ref, volume.uuid, volume.size):
+            finish_volume(self.lvm, ref, volume.size, thin=volume.thin)
         if self.on_change is not None:
             self.on_change()
         return replace(volume, unfinished=False)
@@ -372,13 +379,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         mounter: Mounter | None = None,
         on_lvm_change: Callable[[], None] | None = None,
         encryption: VolumeEncryption | None = None,
+        finisher: Finisher | None = None,
     ) -> None:
         if volumes is None:
             if lvm is None:
                 raise ValueError("NodeService needs an Lvm or a volume backend")
             locks = locks or InFlight()
             volumes = LvmVolumes(
-                lvm, config.driver_name, on_lvm_change, locks=locks,
+                lvm, config.driver_name, on_lvm_change, locks=locks, finisher=finisher,
                 default_ratio=config.thin_overprovision_ratio,
                 thresholds=PoolThresholds.of(config))
         self.config = config

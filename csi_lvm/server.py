@@ -14,6 +14,7 @@ from csi_lvm.config import CsiConfig, Mode
 from csi_lvm.controller import Controller
 from csi_lvm.cryptsetup import Cryptsetup
 from csi_lvm.encryption import KeyMetrics, VolumeEncryption
+from csi_lvm.finish import Finisher
 from csi_lvm.identity import Identity
 from csi_lvm.jobs import Jobs
 from csi_lvm.locks import InFlight
@@ -80,12 +81,19 @@ class Driver:
         if self.lvm is not None:
             self.rewrap = RewrapLoop(self.encryption, self.lvm, config.driver_name,
                                      config.encryption_rewrap_seconds, self.locks)
+        # Drops `unfinished` of wiped new volumes off CreateVolume's path (csi_lvm/finish.py).
+        # (Used with device-mapper only; idle without.)
+        self.finisher: Finisher | None = None
+        if self.lvm is not None:
+            self.finisher = Finisher(self.lvm, delay_seconds=config.finish_delay_seconds,
+                                     retry_seconds=config.finish_retry_seconds,
+                                     registry=self.registry)
         self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
                          self.registry if config.mode is Mode.ALL else None)
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs,
-                                     encryption=self.encryption)
+                                     encryption=self.encryption, finisher=self.finisher)
         register: list[Callable[[grpc.Server], None]] = [
             lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, s),
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(self.controller, s),
@@ -94,7 +102,8 @@ class Driver:
         if config.mode is Mode.ALL:
             assert self.lvm is not None and self.cache is not None
             node = NodeService(config, self.lvm, locks=self.locks,
-                               on_lvm_change=self.cache.invalidate, encryption=self.encryption)
+                               on_lvm_change=self.cache.invalidate, encryption=self.encryption,
+                               finisher=self.finisher)
             self.node = node
             register.append(node.register)
         self.server = GrpcServer(
@@ -121,6 +130,8 @@ class Driver:
             except LvmError as exc:
                 log.warning("lvm report failed at start-up", extra={"error": exc.message})
             self.cache.start()
+        if self.finisher is not None:
+            self.finisher.start()
         if self.rewrap is not None:
             self.rewrap.start()
         if self.config.metrics_address:
@@ -135,6 +146,7 @@ class Driver:
 
     def stop(self, grace: float = 10.0) -> None:
         self.server.stop(grace)
+        self._stop_finisher()
         self._stop_encryption()
         if self.cache is not None:
             self.cache.stop()
@@ -150,7 +162,13 @@ class Driver:
             self.rewrap.stop()
         self.encryption.backends.close()
 
+    def _stop_finisher(self) -> None:
+        """After the last RPC: one last batch (its lvchange is let run to its end)."""
+        if self.finisher is not None:
+            self.finisher.stop(timeout=self.config.lvm_timeout_seconds + 5)
+
     def _after_stop(self) -> None:
+        self._stop_finisher()
         self._stop_encryption()
         if self.cache is not None:
             self.cache.stop()

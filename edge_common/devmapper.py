@@ -53,6 +53,28 @@ class DmInfo:
     suspended: bool
     live_table: bool
     inactive_table: bool
+    uuid: str = ""  # the device-mapper UUID (LVM: "LVM-" + VG UUID + LV UUID [+ "-layer"])
+
+    @property
+    def lv_uuid(self) -> str:
+        """The LVM LV UUID as LVM reports it (lv_uuid, 6-4-4-4-4-4-6), or "" when this is not
+        an LVM device's top layer."""
+        return lvm_lv_uuid(self.uuid)
+
+
+def lvm_lv_uuid(dm_uuid: str) -> str:
+    """lv_uuid from an LVM device-mapper UUID; "" for anything else (a layer such as -real,
+    -tpool or -cow, or another subsystem's device)."""
+    if not dm_uuid.startswith("LVM-") or len(dm_uuid) != 4 + 64:
+        return ""
+    raw = dm_uuid[4 + 32:]
+    if not raw.isalnum():
+        return ""
+    groups, start = [], 0
+    for width in (6, 4, 4, 4, 4, 4, 6):
+        groups.append(raw[start:start + width])
+        start += width
+    return "-".join(groups)
 
 
 def dm_name(vg: str, lv: str) -> str:
@@ -109,6 +131,7 @@ def dm_info(name: str, control: str = DM_CONTROL) -> DmInfo | None:
 def parse_dm_status(name: str, answer: bytes) -> DmInfo:
     """The kernel's answer to DM_DEV_STATUS (a struct dm_ioctl) as a DmInfo."""
     (_v0, _v1, _v2, _size, _start, _targets, open_count, flags, _event_nr, _padding, dev,
-     _name, _uuid, _data) = _DM_STRUCT.unpack(answer[:_DM_STRUCT.size])
+     _name, uuid, _data) = _DM_STRUCT.unpack(answer[:_DM_STRUCT.size])
     return DmInfo(name, _decode_dev(dev), open_count, bool(flags & _DM_SUSPEND_FLAG),
-                  bool(flags & _DM_ACTIVE_PRESENT_FLAG), bool(flags & _DM_INACTIVE_PRESENT_FLAG))
+                  bool(flags & _DM_ACTIVE_PRESENT_FLAG), bool(flags & _DM_INACTIVE_PRESENT_FLAG),
+                  uuid.split(b"\0", 1)[0].decode("ascii", "replace"))

@@ -429,6 +429,29 @@ class Lvm:
     ) -> None:
         self._tags("--deltag", vg, name, tags, timeout)
 
+    def deltag_by_uuid(
+        self, vgs: Sequence[str], tag: str, uuids: Sequence[str], *,
+        timeout: float | None = None,
+    ) -> None:
+        """Remove ``tag`` from every LV of ``vgs`` whose lv_uuid is in ``uuids`` and that still
+        carries it, in ONE lvchange (many LVs, one process). UUIDs, not names: an LV removed and
+        recreated under the same name meanwhile is another LV and is left alone; one that is
+        gone simply matches nothing."""
+        (checked,) = _check_tags([tag])
+        if '"' in checked or "\\" in checked:
+            raise ValueError(f"invalid tag: {checked!r}")
+        wanted = list(dict.fromkeys(uuids))
+        for uuid in wanted:
+            if not uuid or not all(c.isalnum() or c == "-" for c in uuid):
+                raise ValueError(f"invalid LV UUID: {uuid!r}")
+        names = [_check_name("VG", vg) for vg in dict.fromkeys(vgs)]
+        if not wanted or not names:
+            return
+        selection = f'lv_tags="{checked}" && (' + " || ".join(
+            f'lv_uuid="{uuid}"' for uuid in wanted) + ")"
+        self.command("lvchange", "--deltag", checked, "--select", selection, "--", *names,
+                     timeout=timeout)
+
     def retag(
         self,
         vg: str,
