@@ -13,7 +13,12 @@ On sparse loop disks in a fresh VG (removed afterwards):
 6. Probe p99 while a --clone-mib thick clone copies (a background job) against Probe p99 with
    nothing running, and the clone's time against a bare `dd` read of its source; needs
    device-mapper, so on a kernel without it this part runs in the real-kernel guest
-   (python -m kernel_guest run).
+   (python -m kernel_guest run);
+7. with device-mapper (again in the guest when this kernel lacks it): CreateVolume p50 of a
+   filesystem volume (lvcreate, the driver's O_EXCL head/tail wipe, the answer; the
+   `unfinished` tag dropped by the background finisher) against bare `lvcreate` p50, both
+   through deploy/'s `nsenter --mount --ipc` prefix with udev sync on, interleaved; then
+   --dm-batch concurrent CreateVolume and the finisher's lvchange count for them.
 Targets (issue 4): CreateVolume p50 <= 1.25x bare lvcreate; (issue 12) DeleteVolume p50 <=
 1.2x bare lvremove; concurrent batch <= 1.2x the
 serial floor with zero errors; GetCapacity p50 < 5 ms; idle RSS < 60 MB.
@@ -36,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -81,13 +87,14 @@ def create_req(name: str) -> csi_pb2.CreateVolumeRequest:
 
 
 
-def start_driver(sock: str, vg: str, *extra: str) -> subprocess.Popen[bytes]:
+def start_driver(sock: str, vg: str, *extra: str,
+                 stderr: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """csi-lvm as its own process on a unix socket, default VG `vg`."""
     return subprocess.Popen(
         [sys.executable, "-m", "csi_lvm", "--endpoint", f"unix://{sock}",
          "--node-id", "bench", "--driver-name", f"bench-{secrets.token_hex(3)}.csi.edge.io",
          "--default-vg", vg, "--log-level", "WARNING", *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def run(iterations: int, batch: int) -> dict[str, float]:
@@ -259,23 +266,124 @@ def probe_during_clone_anywhere(clone_mib: int, probes: int) -> dict[str, float]
         with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp, \
                 loop_disks(1, 2 * clone_mib * MiB + 512 * MiB, tmp) as disks:
             return probe_during_clone([d.device for d in disks], clone_mib, probes)
+    return in_guest(CLONE_JSON, "--clone-only", "--clone-mib", str(clone_mib),
+                    "--probes", str(probes))
+
+
+def in_guest(marker: str, *args: str) -> dict[str, float]:
+    """Run this script with args in the real-kernel guest; the JSON it prints after marker."""
     with tempfile.TemporaryDirectory(prefix="csi-bench-guest-") as results:
         proc = subprocess.run(
             [sys.executable, "-m", "kernel_guest", "--quiet", "--timeout", "1800",
              "--results-dir", results, "run", "--", sys.executable,
-             str(REPO / "benchmarks" / "csi_bench.py"), "--clone-only", "--clone-mib",
-             str(clone_mib), "--probes", str(probes)],
+             str(REPO / "benchmarks" / "csi_bench.py"), *args],
             cwd=REPO, capture_output=True, text=True, timeout=2400,
             env={**os.environ, "PYTHONPATH": str(REPO)})
         console = Path(results, "console.log")
         text = proc.stdout + proc.stderr + (
             console.read_text(errors="replace") if console.exists() else "")
     for line in text.splitlines():
-        if CLONE_JSON in line:
-            result: dict[str, float] = json.loads(line.split(CLONE_JSON, 1)[1])
+        if marker in line:
+            result: dict[str, float] = json.loads(line.split(marker, 1)[1])
             result["in_guest"] = 1
             return result
     raise RuntimeError(f"the guest run gave no result (exit {proc.returncode}): {text[-2000:]}")
+
+
+# ------------------------------------------------------------------ CreateVolume on device-mapper
+
+DM_JSON = "CSI_BENCH_DM_JSON "
+
+
+def _deploy_prefix() -> list[str]:
+    """deploy/'s lvm prefix (nsenter --mount --ipc into the host's namespaces), as the
+    real-kernel suite runs it; plain ``lvm`` outside the guest."""
+    if os.environ.get("EDGE_GUEST") != "1":
+        return ["lvm"]
+    from tests.kernel.faults import host_namespaces
+
+    return [*host_namespaces("mount", "ipc"), "lvm"]
+
+
+def _scrape(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def create_on_dm(devices: list[str], iterations: int, batch: int) -> dict[str, float]:
+    """CreateVolume p50 against bare lvcreate p50 with live LVs (udev sync as configured:
+    on in the guest), interleaved; a concurrent batch and its finisher lvchange count."""
+    prefix = _deploy_prefix()
+    lvm = Lvm(replace(Lvm.settings_for_this_kernel(timeout=300), command=tuple(prefix)))
+    vg = f"benchd{secrets.token_hex(3)}"
+    out: dict[str, float] = {}
+    lvm.vgcreate(vg, devices)
+    try:
+        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp:
+            sock = f"{tmp}/csi.sock"
+            port = 9000 + secrets.randbelow(1000)
+            proc = start_driver(sock, vg, "--lvm-command", ",".join(prefix),
+                                "--lvm-timeout-seconds", "300",
+                                "--metrics-address", f"127.0.0.1:{port}", stderr=None)
+            try:
+                channel = unix_channel(f"unix://{sock}")
+                grpc.channel_ready_future(channel).result(timeout=300)
+                ctl = csi_pb2_grpc.ControllerStub(channel)
+                ctl.GetCapacity(csi_pb2.GetCapacityRequest())  # warm the channel
+                creates, bare = [], []
+                for i in range(iterations):
+                    bare.append(timed(partial(lvm.lvcreate, vg, f"floor{i}", SIZE)))
+                    creates.append(timed(partial(ctl.CreateVolume, create_req(f"pvc-d{i}"),
+                                                 timeout=300)))
+                    lvm.lvremove(vg, f"floor{i}")
+                    ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-d{i}"),
+                                     timeout=300)
+                out["dm_bare_lvcreate_p50"] = p50(bare)
+                out["dm_create_volume_p50"] = p50(creates)
+                out["dm_iterations"] = iterations
+                time.sleep(2)  # the finisher's last batch of the serial part
+                before = _scrape(port, 'csi_lvm_finisher_batches_total{result="ok"}')
+                with ThreadPoolExecutor(batch) as pool:
+                    start = time.perf_counter()
+                    list(pool.map(lambda i: ctl.CreateVolume(create_req(f"pvc-b{i}"),
+                                                             timeout=600), range(batch)))
+                    out["dm_concurrent_create_s"] = time.perf_counter() - start
+                deadline = time.monotonic() + 300
+                while _scrape(port, "csi_lvm_finisher_queued") > 0:
+                    assert time.monotonic() < deadline, "the finisher never caught up"
+                    time.sleep(0.5)
+                out["dm_batch_lvchanges"] = _scrape(
+                    port, 'csi_lvm_finisher_batches_total{result="ok"}') - before
+                out["dm_batch"] = batch
+                for i in range(batch):
+                    ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-b{i}"),
+                                     timeout=300)
+                out["dm_load"] = os.getloadavg()[0]
+                channel.close()
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+    finally:
+        lvm.command("vgremove", "--yes", "--force", "--", vg)
+        lvm.command("pvremove", "--yes", "--", *devices)
+    return out
+
+
+def create_on_dm_anywhere(iterations: int, batch: int) -> dict[str, float]:
+    """Here when this kernel has device-mapper, else in the real-kernel guest."""
+    if has_device_mapper():
+        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp, \
+                loop_disks(1, 2048 * MiB, tmp) as disks:
+            return create_on_dm([d.device for d in disks], iterations, batch)
+    result = in_guest(DM_JSON, "--dm-only", "--dm-iterations", str(iterations),
+                      "--dm-batch", str(batch))
+    result["host_load"] = os.getloadavg()[0]
+    return result
 
 
 def report(r: dict[str, float], iterations: int, batch: int) -> str:
@@ -326,6 +434,7 @@ def report(r: dict[str, float], iterations: int, batch: int) -> str:
         f"| idle plugin memory (VmRSS) | {r['idle_rss_mib']:.1f} MiB | - | - | < 60 MB: "
         f"{verdict('rss')} |",
         *clone_rows(r),
+        *dm_rows(r),
         "",
         "CreateVolume is one `lvcreate` carrying every tag (ownership, name, context): no lookup "
         "before it (the VG's extent size comes from the capacity cache; an existing volume is "
@@ -368,6 +477,26 @@ def clone_rows(r: dict[str, float]) -> list[str]:
     ]
 
 
+def dm_rows(r: dict[str, float]) -> list[str]:
+    if "dm_create_volume_p50" not in r:
+        return []
+    where = ("in the real-kernel guest (qemu TCG; guest load "
+             f"{r['dm_load']:.1f}, host load {r.get('host_load', 0):.1f})") \
+        if r.get("in_guest") else "on this host"
+    ratio = r["dm_create_volume_p50"] / r["dm_bare_lvcreate_p50"]
+    verdict = "met" if ratio <= 1.25 else "**missed**"
+    return [
+        f"| CreateVolume p50 with device-mapper, {int(r['dm_iterations'])} runs ({where}, "
+        "udev sync on, deploy/'s `nsenter --mount --ipc` prefix) vs `lvcreate` p50 | "
+        f"{r['dm_create_volume_p50'] * 1000:.1f} ms | "
+        f"{r['dm_bare_lvcreate_p50'] * 1000:.1f} ms | {ratio:.2f}x | <= 1.25x: {verdict} |",
+        f"| {int(r['dm_batch'])} concurrent CreateVolume with device-mapper: the finisher's "
+        f"`lvchange` runs dropping their `unfinished` tag | "
+        f"{int(r['dm_batch_lvchanges'])} (in {r['dm_concurrent_create_s']:.1f} s) | "
+        f"{int(r['dm_batch'])} (one per volume) | - | fewer than one per volume |",
+    ]
+
+
 def write_docs(section: str) -> None:
     write_section(SECTION, section)
 
@@ -383,6 +512,14 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--clone-figures", default="", metavar="JSON",
                         help="reuse the JSON line of an earlier --clone-only run")
+    parser.add_argument("--dm-iterations", type=int, default=15,
+                        help="CreateVolume vs lvcreate with device-mapper (0: skip)")
+    parser.add_argument("--dm-batch", type=int, default=20)
+    parser.add_argument("--dm-figures", default="", metavar="JSON",
+                        help="reuse the JSON line of an earlier --dm-only run")
+    parser.add_argument("--dm-only", action="store_true",
+                        help="only the device-mapper CreateVolume part, on this kernel's disks "
+                        "(EDGE_GUEST_DISKS in the guest); prints one JSON line")
     parser.add_argument("--clone-only", action="store_true",
                         help="only the Probe-during-clone part, on this kernel's disks "
                         "(EDGE_GUEST_DISKS in the guest); prints one JSON line")
@@ -393,7 +530,17 @@ def main() -> int:
             probe_during_clone_anywhere(args.clone_mib, args.probes)
         print(CLONE_JSON + json.dumps(figures), flush=True)
         return 0
+    if args.dm_only:
+        disks = [d for d in os.environ.get("EDGE_GUEST_DISKS", "").split(",") if d]
+        figures = create_on_dm(disks[:1], args.dm_iterations, args.dm_batch) if disks else \
+            create_on_dm_anywhere(args.dm_iterations, args.dm_batch)
+        print(DM_JSON + json.dumps(figures), flush=True)
+        return 0
     results = run(args.iterations, args.batch)
+    if args.dm_figures:
+        results.update(json.loads(args.dm_figures))
+    elif args.dm_iterations:
+        results.update(create_on_dm_anywhere(args.dm_iterations, args.dm_batch))
     if args.clone_figures:
         results.update(json.loads(args.clone_figures))
     elif args.clone_mib:

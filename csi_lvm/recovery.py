@@ -19,7 +19,8 @@ Removed (never answered to anyone, so nothing is lost):
   killed between its two commits leaves a plain LV with snapshot tags).
 
 ``unfinished`` volumes are left alone: they may have been handed out (a plain CreateVolume
-answers before their first use finishes them).
+answers before its background finisher drops the tag, or without device-mapper before any
+wipe); their first use finishes them (csi_lvm/finish.py).
 """
 
 from __future__ import annotations

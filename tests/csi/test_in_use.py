@@ -90,10 +90,13 @@ def test_a_dm_status_answer_is_decoded_field_by_field() -> None:
     # on device 253:300 (padding and event_nr set to catch an off-by-one field).
     flags = (1 << 1) | (1 << 5) | (1 << 6)
     dev = (300 & 0xFF) | (253 << 8) | ((300 & ~0xFF) << 12)
+    dm_uuid = "LVM-" + "V" * 32 + "abcdefGHIJklmnOPQRstuvWXYZ012345"
     answer = devmapper._DM_STRUCT.pack(4, 47, 0, 312, 312, 1, 2, flags, 77, 99, dev,
-                                       b"vg-lv", b"LVM-uuid", b"")
+                                       b"vg-lv", dm_uuid.encode(), b"")
     info = devmapper.parse_dm_status("vg-lv", answer)
-    assert info == devmapper.DmInfo("vg-lv", os.makedev(253, 300), 2, True, True, True)
+    assert info == devmapper.DmInfo("vg-lv", os.makedev(253, 300), 2, True, True, True,
+                                    dm_uuid)
+    assert info.lv_uuid == "abcdef-GHIJ-klmn-OPQR-stuv-WXYZ-012345"
     idle = devmapper.parse_dm_status("vg-lv", devmapper._DM_STRUCT.pack(
         4, 47, 0, 312, 312, 1, 0, 1 << 5, 0, 0, dev, b"vg-lv", b"", b""))
     assert (idle.open_count, idle.suspended, idle.live_table, idle.inactive_table) == \

@@ -106,6 +106,11 @@ class LvmFaults:
             time.sleep(0.05)
         return int(path.read_text())
 
+    def calls(self) -> list[str]:
+        """The sub-command of every lvm call made through the prefix so far, in order."""
+        path = self.directory / "calls"
+        return path.read_text().split() if path.exists() else []
+
     def trace(self) -> str:
         path = self.directory / "trace"
         return path.read_text() if path.exists() else ""

@@ -7,7 +7,11 @@
 # the actions at lvm's Nth ioctl - a chosen point INSIDE the command (the first device-mapper
 # call after lvcreate's metadata commit, the resume after lvextend's suspend, ...). With
 # error=EINTR the ioctl itself never runs. The claimed call writes its pid to "started".
+# Every call appends its sub-command to "$LVM_FAULT_DIR/calls" (tests count LVM processes).
 dir=${LVM_FAULT_DIR:-}
+if [ -n "$dir" ]; then
+    echo "${1:-}" >> "$dir/calls"
+fi
 if [ -n "$dir" ] && [ -f "$dir/armed" ]; then
     read -r sub when actions < "$dir/armed"
     if [ "$sub" = "${1:-}" ] && mv "$dir/armed" "$dir/claimed" 2>/dev/null; then

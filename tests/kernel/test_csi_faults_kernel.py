@@ -14,13 +14,21 @@ kubelet would, while tests/kernel/faults.py stops or kills ONE lvm command at a 
    ABORTED, the command is not killed, the volume stays locked, then resumes and the retry
    converges; lvextend killed there: the LV stays suspended until the next start-up sweep
    repairs it (Event in the log, metric), the data intact and the retry converging.
+5. CreateVolume of a plain volume (filesystem / raw block, thick / thin) runs ONE state-changing
+   lvm process (its lvcreate; the wipe is the driver's, the tag removal a background batch):
+   counted through the lvm prefix. The driver SIGKILLed after the answer, before that batch:
+   after a restart the volume is still there, its first publish shows none of the previous
+   tenant's data and drops the tag, and nothing is left behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +37,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_lvm.config import CreateWipe
 from csi_lvm.mounter import Mounter
 from csi_lvm.server import Driver
 from csi_lvm.volume import TAG_UNFINISHED, parse_id, read_tags
@@ -36,6 +45,7 @@ from edge_common.commands import run
 from edge_common.devmapper import dm_info, dm_name
 from edge_common.log import JsonFormatter
 from edge_common.lvm import Lvm
+from edge_common.lvm.runner import READ_ONLY_SUBCOMMANDS
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.csi.conftest import block_cap, create_request, make_config, mount_cap
@@ -46,6 +56,7 @@ from tests.rigs.lvm import unique_vg_name
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(1200)]
 
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
 POOL = "pool0"
 LVM_TIMEOUT = 40.0  # the driver's per-command limit; every lvm call here ends well within it
 RPC = 600.0
@@ -403,3 +414,141 @@ def test_lvextend_between_suspend_and_resume_is_never_killed_and_a_killed_one_is
     rig.unpublish(vol.volume_id, target)
     rig.delete(vol.volume_id)
     assert rig.ours() == {}
+
+
+# ---------------------------------------------------------------------------- 5. the finisher
+#
+# CreateVolume of a plain volume: lvcreate (born `unfinished`), the driver's O_EXCL head/tail
+# wipe, the answer; the tag goes in the background finisher's batched lvchange
+# (csi_lvm/finish.py). create_wipe=header puts raw block volumes on that path too (auto
+# zeroes them whole: a `pending` fill whose own lvchange closes it before the answer).
+
+KINDS = [pytest.param("ext4", "linear", id="fs-thick"),
+         pytest.param("ext4", "thin", id="fs-thin"),
+         pytest.param("", "linear", id="block-thick"),
+         pytest.param("", "thin", id="block-thin")]
+
+
+def reconfigure(rig: Rig, **overrides: Any) -> None:
+    rig.stop()
+    rig.config = dataclasses.replace(rig.config, **overrides)
+    rig.start()
+
+
+def wait_finished(rig: Rig, name: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while rig.ours()[name][1].unfinished:
+        assert time.monotonic() < deadline, "the background finisher never dropped the tag"
+        time.sleep(1)
+
+
+def previous_tenant(rig: Rig, cap: Any, lvm_type: str, size: int) -> bytes:
+    """A deleted volume that held a marker (a file, or the whole raw device): on the extents
+    (thick) or in the pool (thin) the next volume gets."""
+    marker = b"PREVIOUS-TENANT-" + secrets.token_hex(8).encode()
+    old = rig.create("pvc-old", size, cap, lvmType=lvm_type)
+    rig.publish(old, rig.target("old"), cap)
+    if cap.HasField("mount"):
+        Path(rig.target("old"), "secret.txt").write_bytes(marker)
+    else:
+        device_write(rig.target("old"), 0, marker * (size // len(marker)))
+    rig.unpublish(old.volume_id, rig.target("old"))
+    rig.delete(old.volume_id)
+    return marker
+
+
+def use_and_check(rig: Rig, vol: Any, cap: Any, marker: bytes) -> None:
+    """Publish: the previous tenant's data is nowhere to be seen; the tag is gone; then away."""
+    target = rig.target("new")
+    rig.publish(vol, target, cap)
+    if cap.HasField("mount"):
+        assert sorted(os.listdir(target)) == ["lost+found"], "the old filesystem was mounted"
+        Path(target, "mine.txt").write_bytes(b"mine")
+    else:
+        assert not holds(target, marker), "the raw volume shows the previous tenant's data"
+    assert not rig.ours()[parse_id(vol.volume_id).lv][1].unfinished
+    rig.unpublish(vol.volume_id, target)
+    rig.delete(vol.volume_id)
+    assert rig.ours() == {}
+
+
+@pytest.mark.parametrize(("fs_type", "lvm_type"), KINDS)
+def test_create_volume_runs_one_lvm_change_and_the_tag_goes_in_the_background(
+    rig: Rig, fs_type: str, lvm_type: str,
+) -> None:
+    # No periodic capacity refresh during the call (it would be a report of another thread);
+    # the finisher waits 10 s before its batch, so the call's own processes are counted alone.
+    reconfigure(rig, create_wipe=CreateWipe.HEADER, finish_delay_seconds=10.0,
+                capacity_refresh_seconds=3600.0)
+    cap = mount_cap(fs_type) if fs_type else block_cap()
+    size = 32 * MiB
+    marker = previous_tenant(rig, cap, lvm_type, size)
+    rig.ctl.GetCapacity(csi_pb2.GetCapacityRequest(), timeout=RPC)  # a warm cache, as in use
+
+    before = len(rig.faults.calls())
+    vol = rig.create("pvc-new", size, cap, lvmType=lvm_type)
+    during = rig.faults.calls()[before:]
+    # Exactly one state-changing LVM process: the lvcreate. A thin create also reads the
+    # pool (its room is checked against LVM, not a cache); a thick one nothing else.
+    assert [c for c in during if c not in READ_ONLY_SUBCOMMANDS] == ["lvcreate"], during
+    if lvm_type == "linear":
+        assert during == ["lvcreate"], during
+    lv, own = rig.ours()["pvc-new"]
+    assert own.unfinished, "answered after the tag removal: it is on the critical path"
+    assert lv.is_active
+
+    wait_finished(rig, "pvc-new")
+    assert rig.faults.calls()[before + len(during):].count("lvchange") == 1
+    assert rig.driver is not None
+    assert (rig.driver.registry.get_sample_value("csi_lvm_finisher_volumes_total") or 0) >= 1
+    use_and_check(rig, vol, cap, marker)
+
+
+def start_driver_process(rig: Rig, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """The driver as its own process (SIGKILL-able), with the rig's config and lvm prefix."""
+    cfg = rig.config
+    argv = [sys.executable, "-m", "csi_lvm", "--endpoint", cfg.endpoint,
+            "--node-id", cfg.node_id, "--driver-name", cfg.driver_name,
+            "--default-vg", cfg.default_vg, "--default-thin-pool", POOL,
+            "--lvm-command", ",".join(cfg.lvm_command),
+            "--lvm-timeout-seconds", str(LVM_TIMEOUT), "--create-wipe", cfg.create_wipe.value,
+            *extra]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=out,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc
+
+
+@pytest.mark.parametrize(("fs_type", "lvm_type"), [KINDS[0], KINDS[3]])
+def test_driver_killed_after_the_answer_before_the_background_tag_removal_loses_nothing(
+    rig: Rig, fs_type: str, lvm_type: str, tmp_path: Path,
+) -> None:
+    reconfigure(rig, create_wipe=CreateWipe.HEADER)
+    cap = mount_cap(fs_type) if fs_type else block_cap()
+    size = 32 * MiB
+    marker = previous_tenant(rig, cap, lvm_type, size)
+
+    rig.stop()
+    shared = os.environ.get("EDGE_GUEST_RESULTS")
+    log = Path(shared if shared and os.path.isdir(shared) else tmp_path) / "killed-driver.log"
+    # The finisher's batch "never comes" before the kill: its gather delay is an hour.
+    proc = start_driver_process(rig, log, "--finish-delay-seconds", "3600")
+    try:
+        channel = unix_channel(rig.config.endpoint)
+        grpc.channel_ready_future(channel).result(timeout=120)
+        req = create_request("pvc-new", required=size, caps=[cap])
+        req.parameters["lvmType"] = lvm_type
+        vol = csi_pb2_grpc.ControllerStub(channel).CreateVolume(req, timeout=RPC).volume
+        channel.close()
+        assert rig.ours()["pvc-new"][1].unfinished, "the tag was gone before the kill"
+    finally:
+        proc.kill()  # SIGKILL: no shutdown, no last batch
+        proc.wait(timeout=60)
+    Path(rig.config.endpoint.removeprefix("unix://")).unlink(missing_ok=True)
+    assert rig.ours()["pvc-new"][1].unfinished
+
+    rig.start()  # a new process life (its start-up sweep first); the queue is gone
+    assert sorted(rig.ours()) == ["pvc-new"], "an orphan, or the answered volume removed"
+    # The first publish finds it unfinished and not queued: wipes it again (never used:
+    # nothing lost) and drops the tag.
+    use_and_check(rig, vol, cap, marker)
