@@ -500,7 +500,11 @@ def test_create_volume_runs_one_lvm_change_and_the_tag_goes_in_the_background(
     wait_finished(rig, "pvc-new")
     assert rig.faults.calls()[before + len(during):].count("lvchange") == 1
     assert rig.driver is not None
-    assert (rig.driver.registry.get_sample_value("csi_lvm_finisher_volumes_total") or 0) >= 1
+    registry = rig.driver.registry
+    deadline = time.monotonic() + 60  # the tag is gone when lvchange ends, the count after
+    while not registry.get_sample_value("csi_lvm_finisher_volumes_total"):
+        assert time.monotonic() < deadline, "the finisher's batch was not counted"
+        time.sleep(0.5)
     use_and_check(rig, vol, cap, marker)
 
 
