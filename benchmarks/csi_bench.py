@@ -28,6 +28,7 @@ With --write-docs the figures replace the "CSI driver" section of docs/benchmark
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -190,84 +191,101 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def probe_during_clone(devices: list[str], clone_mib: int, probes: int) -> dict[str, float]:
-    """On a kernel with device-mapper: Probe p99 idle (the floor) and while a thick clone of
-    clone_mib copies in the background; the copy's own throughput beside bare dd."""
-    lvm = Lvm(Lvm.settings_for_this_kernel(timeout=300))
-    vg = f"benchc{secrets.token_hex(3)}"
-    out: dict[str, float] = {}
+@contextlib.contextmanager
+def driver_in_vg(lvm: Lvm, devices: list[str], hint: str,
+                 *extra: str) -> Iterator[tuple[str, grpc.Channel]]:
+    """A fresh VG on devices and csi-lvm (its own process) on it: (vg, channel); the VG and
+    the PV labels are removed afterwards."""
+    vg = f"{hint}{secrets.token_hex(3)}"
     lvm.vgcreate(vg, devices)
     try:
         with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp:
             sock = f"{tmp}/csi.sock"
-            proc = start_driver(sock, vg, "--data-job-wait-seconds", "1")
+            proc = start_driver(sock, vg, *extra, stderr=None)
             try:
                 channel = unix_channel(f"unix://{sock}")
-                grpc.channel_ready_future(channel).result(timeout=120)
-                ctl = csi_pb2_grpc.ControllerStub(channel)
-                ident = csi_pb2_grpc.IdentityStub(channel)
-                size = clone_mib * MiB
-                src = ctl.CreateVolume(csi_pb2.CreateVolumeRequest(
-                    name="pvc-src", capacity_range=csi_pb2.CapacityRange(required_bytes=size),
-                    volume_capabilities=[cap()]), timeout=600).volume
-                # the floor: a bare dd copy of the same bytes into a scratch LV, and Probe
-                # with nothing running
-                lvm.lvcreate(vg, "scratch", size)
-                out["dd_copy_s"] = timed(lambda: subprocess.run(
-                    ["dd", f"if=/dev/{src.volume_id}", f"of=/dev/{vg}/scratch", "bs=4M",
-                     f"count={clone_mib // 4}", "conv=fsync"],
-                    check=True, capture_output=True, timeout=1200))
-                lvm.lvremove(vg, "scratch")
-                idle = [timed(lambda: ident.Probe(csi_pb2.ProbeRequest(), timeout=60))
-                        for _ in range(probes)]
-                out["probe_idle_p50"], out["probe_idle_p99"] = p50(idle), p99(idle)
-                req = csi_pb2.CreateVolumeRequest(
-                    name="pvc-clone", capacity_range=csi_pb2.CapacityRange(required_bytes=size),
-                    volume_capabilities=[_block_cap()])
-                req.volume_content_source.volume.volume_id = src.volume_id
-                done = threading.Event()
-                started = time.perf_counter()
-
-                def clone() -> None:
-                    while True:
-                        try:
-                            ctl.CreateVolume(req, timeout=600)
-                            break
-                        except grpc.RpcError as err:
-                            if err.code() != grpc.StatusCode.ABORTED:
-                                raise
-                            time.sleep(0.5)
-                    out["clone_s"] = time.perf_counter() - started
-                    done.set()
-
-                worker = threading.Thread(target=clone, daemon=True)
-                worker.start()
-                busy: list[float] = []
-                while not done.is_set():
-                    busy.append(timed(lambda: ident.Probe(csi_pb2.ProbeRequest(), timeout=60)))
-                    time.sleep(0.02)
-                worker.join()
-                out["probe_busy_p50"], out["probe_busy_p99"] = p50(busy), p99(busy)
-                out["probe_busy_n"] = len(busy)
-                out["clone_mib"] = clone_mib
+                grpc.channel_ready_future(channel).result(timeout=300)
+                yield vg, channel
                 channel.close()
             finally:
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+                proc.wait(timeout=120)
     finally:
         lvm.command("vgremove", "--yes", "--force", "--", vg)
         lvm.command("pvremove", "--yes", "--", *devices)
+
+
+def on_device_mapper(disk_bytes: int, here: Callable[[list[str]], dict[str, float]],
+                     marker: str, *guest_args: str) -> dict[str, float]:
+    """here(devices) on a loop disk when this kernel has device-mapper, else this script with
+    guest_args in the real-kernel guest (the JSON it prints after marker)."""
+    if has_device_mapper():
+        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp, \
+                loop_disks(1, disk_bytes, tmp) as disks:
+            return here([d.device for d in disks])
+    return in_guest(marker, *guest_args)
+
+
+def probe_during_clone(devices: list[str], clone_mib: int, probes: int) -> dict[str, float]:
+    """On a kernel with device-mapper: Probe p99 idle (the floor) and while a thick clone of
+    clone_mib copies in the background; the copy's own throughput beside bare dd."""
+    lvm = Lvm(Lvm.settings_for_this_kernel(timeout=300))
+    out: dict[str, float] = {}
+    with driver_in_vg(lvm, devices, "benchc", "--data-job-wait-seconds", "1") as (vg, channel):
+        ctl = csi_pb2_grpc.ControllerStub(channel)
+        ident = csi_pb2_grpc.IdentityStub(channel)
+        size = clone_mib * MiB
+        src = ctl.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name="pvc-src", capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[cap()]), timeout=600).volume
+        # the floor: a bare dd copy of the same bytes into a scratch LV, and Probe
+        # with nothing running
+        lvm.lvcreate(vg, "scratch", size)
+        out["dd_copy_s"] = timed(lambda: subprocess.run(
+            ["dd", f"if=/dev/{src.volume_id}", f"of=/dev/{vg}/scratch", "bs=4M",
+             f"count={clone_mib // 4}", "conv=fsync"],
+            check=True, capture_output=True, timeout=1200))
+        lvm.lvremove(vg, "scratch")
+        idle = [timed(lambda: ident.Probe(csi_pb2.ProbeRequest(), timeout=60))
+                for _ in range(probes)]
+        out["probe_idle_p50"], out["probe_idle_p99"] = p50(idle), p99(idle)
+        req = csi_pb2.CreateVolumeRequest(
+            name="pvc-clone", capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[_block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+        done = threading.Event()
+        started = time.perf_counter()
+
+        def clone() -> None:
+            while True:
+                try:
+                    ctl.CreateVolume(req, timeout=600)
+                    break
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.ABORTED:
+                        raise
+                    time.sleep(0.5)
+            out["clone_s"] = time.perf_counter() - started
+            done.set()
+
+        worker = threading.Thread(target=clone, daemon=True)
+        worker.start()
+        busy: list[float] = []
+        while not done.is_set():
+            busy.append(timed(lambda: ident.Probe(csi_pb2.ProbeRequest(), timeout=60)))
+            time.sleep(0.02)
+        worker.join()
+        out["probe_busy_p50"], out["probe_busy_p99"] = p50(busy), p99(busy)
+        out["probe_busy_n"] = len(busy)
+        out["clone_mib"] = clone_mib
     return out
 
 
 def probe_during_clone_anywhere(clone_mib: int, probes: int) -> dict[str, float]:
-    """Here when this kernel has device-mapper, else in the real-kernel guest."""
-    if has_device_mapper():
-        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp, \
-                loop_disks(1, 2 * clone_mib * MiB + 512 * MiB, tmp) as disks:
-            return probe_during_clone([d.device for d in disks], clone_mib, probes)
-    return in_guest(CLONE_JSON, "--clone-only", "--clone-mib", str(clone_mib),
-                    "--probes", str(probes))
+    return on_device_mapper(
+        2 * clone_mib * MiB + 512 * MiB, lambda devices: probe_during_clone(
+            devices, clone_mib, probes),
+        CLONE_JSON, "--clone-only", "--clone-mib", str(clone_mib), "--probes", str(probes))
 
 
 def in_guest(marker: str, *args: str) -> dict[str, float]:
@@ -320,68 +338,49 @@ def create_on_dm(devices: list[str], iterations: int, batch: int) -> dict[str, f
     on in the guest), interleaved; a concurrent batch and its finisher lvchange count."""
     prefix = _deploy_prefix()
     lvm = Lvm(replace(Lvm.settings_for_this_kernel(timeout=300), command=tuple(prefix)))
-    vg = f"benchd{secrets.token_hex(3)}"
     out: dict[str, float] = {}
-    lvm.vgcreate(vg, devices)
-    try:
-        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp:
-            sock = f"{tmp}/csi.sock"
-            port = 9000 + secrets.randbelow(1000)
-            proc = start_driver(sock, vg, "--lvm-command", ",".join(prefix),
-                                "--lvm-timeout-seconds", "300",
-                                "--metrics-address", f"127.0.0.1:{port}", stderr=None)
-            try:
-                channel = unix_channel(f"unix://{sock}")
-                grpc.channel_ready_future(channel).result(timeout=300)
-                ctl = csi_pb2_grpc.ControllerStub(channel)
-                ctl.GetCapacity(csi_pb2.GetCapacityRequest())  # warm the channel
-                creates, bare = [], []
-                for i in range(iterations):
-                    bare.append(timed(partial(lvm.lvcreate, vg, f"floor{i}", SIZE)))
-                    creates.append(timed(partial(ctl.CreateVolume, create_req(f"pvc-d{i}"),
-                                                 timeout=300)))
-                    lvm.lvremove(vg, f"floor{i}")
-                    ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-d{i}"),
-                                     timeout=300)
-                out["dm_bare_lvcreate_p50"] = p50(bare)
-                out["dm_create_volume_p50"] = p50(creates)
-                out["dm_iterations"] = iterations
-                time.sleep(2)  # the finisher's last batch of the serial part
-                before = _scrape(port, 'csi_lvm_finisher_batches_total{result="ok"}')
-                with ThreadPoolExecutor(batch) as pool:
-                    start = time.perf_counter()
-                    list(pool.map(lambda i: ctl.CreateVolume(create_req(f"pvc-b{i}"),
-                                                             timeout=600), range(batch)))
-                    out["dm_concurrent_create_s"] = time.perf_counter() - start
-                deadline = time.monotonic() + 300
-                while _scrape(port, "csi_lvm_finisher_queued") > 0:
-                    assert time.monotonic() < deadline, "the finisher never caught up"
-                    time.sleep(0.5)
-                out["dm_batch_lvchanges"] = _scrape(
-                    port, 'csi_lvm_finisher_batches_total{result="ok"}') - before
-                out["dm_batch"] = batch
-                for i in range(batch):
-                    ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-b{i}"),
-                                     timeout=300)
-                out["dm_load"] = os.getloadavg()[0]
-                channel.close()
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=120)
-    finally:
-        lvm.command("vgremove", "--yes", "--force", "--", vg)
-        lvm.command("pvremove", "--yes", "--", *devices)
+    port = 9000 + secrets.randbelow(1000)
+    with driver_in_vg(lvm, devices, "benchd", "--lvm-command", ",".join(prefix),
+                      "--lvm-timeout-seconds", "300",
+                      "--metrics-address", f"127.0.0.1:{port}") as (vg, channel):
+        ctl = csi_pb2_grpc.ControllerStub(channel)
+        ctl.GetCapacity(csi_pb2.GetCapacityRequest())  # warm the channel
+        creates, bare = [], []
+        for i in range(iterations):
+            bare.append(timed(partial(lvm.lvcreate, vg, f"floor{i}", SIZE)))
+            creates.append(timed(partial(ctl.CreateVolume, create_req(f"pvc-d{i}"),
+                                         timeout=300)))
+            lvm.lvremove(vg, f"floor{i}")
+            ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-d{i}"),
+                             timeout=300)
+        out["dm_bare_lvcreate_p50"] = p50(bare)
+        out["dm_create_volume_p50"] = p50(creates)
+        out["dm_iterations"] = iterations
+        time.sleep(2)  # the finisher's last batch of the serial part
+        before = _scrape(port, 'csi_lvm_finisher_batches_total{result="ok"}')
+        with ThreadPoolExecutor(batch) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda i: ctl.CreateVolume(create_req(f"pvc-b{i}"),
+                                                     timeout=600), range(batch)))
+            out["dm_concurrent_create_s"] = time.perf_counter() - start
+        deadline = time.monotonic() + 300
+        while _scrape(port, "csi_lvm_finisher_queued") > 0:
+            assert time.monotonic() < deadline, "the finisher never caught up"
+            time.sleep(0.5)
+        out["dm_batch_lvchanges"] = _scrape(
+            port, 'csi_lvm_finisher_batches_total{result="ok"}') - before
+        out["dm_batch"] = batch
+        for i in range(batch):
+            ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-b{i}"),
+                             timeout=300)
+        out["dm_load"] = os.getloadavg()[0]
     return out
 
 
 def create_on_dm_anywhere(iterations: int, batch: int) -> dict[str, float]:
-    """Here when this kernel has device-mapper, else in the real-kernel guest."""
-    if has_device_mapper():
-        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp, \
-                loop_disks(1, 2048 * MiB, tmp) as disks:
-            return create_on_dm([d.device for d in disks], iterations, batch)
-    result = in_guest(DM_JSON, "--dm-only", "--dm-iterations", str(iterations),
-                      "--dm-batch", str(batch))
+    result = on_device_mapper(
+        2048 * MiB, lambda devices: create_on_dm(devices, iterations, batch),
+        DM_JSON, "--dm-only", "--dm-iterations", str(iterations), "--dm-batch", str(batch))
     result["host_load"] = os.getloadavg()[0]
     return result
 
