@@ -67,7 +67,8 @@ def finish(lvm: Lvm, ref: LvRef, size: int, *, thin: bool = False) -> None:
     if not thin:
         make_safe(ref.device_path, size)
     lvm.deltag(ref.vg, ref.lv, [TAG_UNFINISHED])
-    log.info("finished a new volume (head and tail wiped, unfinished tag removed)",
+    log.info("finished a new volume (" + ("thin: nothing to wipe" if thin else
+                                          "head and tail wiped") + ", unfinished tag removed)",
              extra={"volume_id": ref.id})
 
 
