@@ -374,6 +374,7 @@ def create_on_dm(devices: list[str], iterations: int, batch: int) -> dict[str, f
             ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=f"{vg}/pvc-b{i}"),
                              timeout=300)
         out["dm_load"] = os.getloadavg()[0]
+        out["dm_time"] = time.time()
     return out
 
 
@@ -489,9 +490,10 @@ def clone_rows(r: dict[str, float]) -> list[str]:
 def dm_rows(r: dict[str, float]) -> list[str]:
     if "dm_create_volume_p50" not in r:
         return []
-    where = ("in the real-kernel guest (qemu TCG; guest load "
-             f"{r['dm_load']:.1f}, host load {r.get('host_load', 0):.1f})") \
-        if r.get("in_guest") else "on this host"
+    when = time.strftime("%Y-%m-%d", time.gmtime(r.get("dm_time", time.time())))
+    where = (f"in the real-kernel guest (qemu TCG) on {when}; load average guest "
+             f"{r['dm_load']:.1f}, host {r.get('host_load', 0):.1f}") \
+        if r.get("in_guest") else f"on this host on {when}, load {r['dm_load']:.1f}"
     ratio = r["dm_create_volume_p50"] / r["dm_bare_lvcreate_p50"]
     verdict = "met" if ratio <= 1.25 else "**missed**"
     return [
