@@ -15,7 +15,7 @@ from csi_lvm.controller import Controller
 from csi_lvm.cryptsetup import Cryptsetup
 from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.identity import Identity
-from csi_lvm.jobs import Jobs
+from csi_lvm.jobs import Jobs, max_job_waiters
 from csi_lvm.locks import InFlight
 from csi_lvm.lvmwatch import ChangeWatch
 from csi_lvm.node import NodeService
@@ -87,7 +87,8 @@ class Driver:
                                      config.encryption_rewrap_seconds, self.locks)
         self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
-                         self.registry if config.mode is Mode.ALL else None)
+                         self.registry if config.mode is Mode.ALL else None,
+                         max_waiting=max_job_waiters(config))
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs,
                                      encryption=self.encryption)
