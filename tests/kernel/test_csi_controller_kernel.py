@@ -548,3 +548,55 @@ def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_w
         for p in sock_dir.iterdir():
             p.unlink()
         sock_dir.rmdir()
+
+
+@pytest.mark.timeout(1200)
+def test_a_clone_whose_busy_source_overflows_its_cow_area_is_retried_larger_or_unavailable(
+        plain_vg: str, lvm: Lvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The VG has room for a COW area of only 24 MiB beside the 64 MiB clone; the source is
+    # written 32 MiB while it is copied (by the copy itself, just before it reads: no race).
+    from csi_lvm import blockdev
+
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(plain_vg, lvm, sock_dir)
+    real_copy = blockdev.copy
+    busy: dict[str, Any] = {"calls": 0, "free_room": False}
+    try:
+        src = csi.ctl.CreateVolume(create_request("pvc-busy-src", required=64 * MiB,
+                                                  caps=[block_cap()]), timeout=600).volume
+        write(src.volume_id, PATTERN_A, 0)
+        vg = lvm.get_vg(plain_vg)
+        assert vg is not None
+        lvm.lvcreate(plain_vg, "filler", vg.free - 64 * MiB - 24 * MiB, activate=False)
+
+        def copy(*args: Any, **kwargs: Any) -> Any:
+            busy["calls"] += 1
+            if busy["calls"] == 1:  # the first copy of each CreateVolume
+                write(src.volume_id, PATTERN_B * (32 * MiB // len(PATTERN_B)), 0)
+                if busy["free_room"]:
+                    lvm.lvremove(plain_vg, "filler")
+            return real_copy(*args, **kwargs)
+
+        monkeypatch.setattr(blockdev, "copy", copy)
+        req = create_request("pvc-busy-clone", required=64 * MiB, caps=[block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+        # No room for a larger COW area: UNAVAILABLE (retry later), nothing left behind.
+        with pytest.raises(grpc.RpcError) as info:
+            csi.ctl.CreateVolume(req, timeout=600)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "copy-on-write" in (info.value.details() or "")
+        assert set(csi.ours()) == {"pvc-busy-src"}
+        # Room appears (the filler goes while the first copy runs): the retry of the copy with
+        # a larger COW area succeeds, and the clone is the source as it was then.
+        busy.update(calls=0, free_room=True)
+        clone = csi.ctl.CreateVolume(req, timeout=600).volume
+        assert busy["calls"] == 2  # the overflowed copy and the larger retry
+        assert read(clone.volume_id, len(PATTERN_B)) == PATTERN_B
+        assert set(csi.ours()) == {"pvc-busy-src", "pvc-busy-clone"}
+        delete(csi, clone.volume_id, src.volume_id)
+    finally:
+        csi.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
