@@ -45,6 +45,8 @@ LOG_EVERY_SECONDS = 30.0
 #: An RPC with a deadline answers this long before it (less when the deadline is near), so
 #: ABORTED with the progress arrives before the caller gives up on its own.
 DEADLINE_MARGIN = 1.0
+#: A deadline further away than this is none (grpc reports ~2.9e11 years for "none").
+NO_DEADLINE = 365 * 24 * 3600.0
 #: A waiting RPC looks whether its caller is still there this often.
 POLL_SECONDS = 0.5
 
@@ -62,8 +64,10 @@ class Caller:
         """From a grpc.ServicerContext (anything without one: no deadline)."""
         time_remaining = getattr(context, "time_remaining", None)
         is_active = getattr(context, "is_active", None)
-        return cls(time_remaining() if callable(time_remaining) else None,
-                   is_active if callable(is_active) else (lambda: True))
+        remaining = time_remaining() if callable(time_remaining) else None
+        if remaining is not None and remaining > NO_DEADLINE:
+            remaining = None  # grpc's "no deadline" is a deadline centuries away
+        return cls(remaining, is_active if callable(is_active) else (lambda: True))
 
 
 @dataclass

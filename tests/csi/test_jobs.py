@@ -18,7 +18,7 @@ from csi_lvm.jobs import Caller, Jobs, Progress
 from csi_lvm.locks import InFlight
 from edge_common.errors import Aborted, ResourceExhausted
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
-from tests.csi.conftest import CsiRig, block_cap, create_request
+from tests.csi.conftest import CsiRig, block_cap, code_of, create_request
 
 MiB = 1 << 20
 
@@ -255,3 +255,23 @@ def test_creates_waiting_for_copies_never_take_the_workers_probe_needs(
     for r in requests:
         assert csi.controller.CreateVolume(r, timeout=30).volume.capacity_bytes == 8 * MiB
     assert sorted(filled) == sorted(f"pvc-job{i}" for i in range(6))
+
+
+def test_a_caller_without_a_deadline_waits_data_job_wait_seconds_then_gets_aborted(
+        csi_factory: Callable[..., CsiRig], monkeypatch: pytest.MonkeyPatch) -> None:
+    csi = csi_factory(data_job_wait_seconds=0.2)
+    assert csi.driver is not None
+    controller = csi.driver.controller
+    go = threading.Event()
+
+    def gated(ref: Any, *args: Any, **kwargs: Any) -> None:
+        go.wait(20)
+
+    controller.live = True
+    monkeypatch.setattr(controller, "_populate", gated)
+    request = create_request("pvc-nodeadline", caps=[block_cap()])
+    # grpc reports "no deadline" as one centuries away: that must not mean "wait forever".
+    assert code_of(lambda: csi.controller.CreateVolume(request)) == grpc.StatusCode.ABORTED
+    assert not go.is_set()
+    go.set()
+    assert csi.controller.CreateVolume(request, timeout=30).volume.volume_id
