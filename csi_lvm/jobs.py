@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from csi_lvm.locks import Held
+from edge_common.errors import Aborted, Internal, ServiceError
+from edge_common.log import log_context
 
 if TYPE_CHECKING:
     from csi_lvm.config import CsiConfig
-from edge_common.errors import Aborted, Internal, ServiceError
-from edge_common.log import log_context
 
 log = logging.getLogger(__name__)
 
