@@ -152,7 +152,7 @@ class CsiConfig:
     )
     data_job_wait_seconds: float = option(
         60.0, help="how long CreateVolume and DeleteVolume wait for their copy or full wipe when "
-        "the caller set no deadline (with one, they wait until 1 s before it); then they answer "
+        "the caller set no deadline (with one, they wait until 2 s before it); then they answer "
         "ABORTED (pending) with the progress and the job finishes in the background; a retry "
         "waits for the same job again, never a second one. At most half of grpc_workers wait at "
         "once (one more answers ABORTED at once)", metavar="SECONDS",

@@ -44,7 +44,7 @@ Progress = Callable[[int], None]
 LOG_EVERY_SECONDS = 30.0
 #: An RPC with a deadline answers this long before it (less when the deadline is near), so
 #: ABORTED with the progress arrives before the caller gives up on its own.
-DEADLINE_MARGIN = 1.0
+DEADLINE_MARGIN = 2.0
 #: A deadline further away than this is none (grpc reports ~2.9e11 years for "none").
 NO_DEADLINE = 365 * 24 * 3600.0
 #: A waiting RPC looks whether its caller is still there this often.
@@ -133,7 +133,7 @@ class Jobs:
         """How long an RPC of this caller may wait for a job."""
         if caller.remaining is None:
             return self.wait_seconds
-        return max(0.0, caller.remaining - min(DEADLINE_MARGIN, caller.remaining / 4))
+        return max(0.0, caller.remaining - min(DEADLINE_MARGIN, caller.remaining / 5))
 
     def wait(self, job: Job, caller: Caller) -> bool:
         """Wait for `job` to end within the caller's budget, holding a waiter slot (none

@@ -509,7 +509,9 @@ def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_w
         req = create_request("pvc-big-clone", required=1024 * MiB, caps=[block_cap()])
         req.volume_content_source.volume.volume_id = src.volume_id
         with pytest.raises(grpc.RpcError) as first:
-            csi.ctl.CreateVolume(req, timeout=5)  # waits until 1 s before its deadline
+            # It waits until 2 s before its deadline (the lvcreate before the copy takes
+            # seconds under emulation).
+            csi.ctl.CreateVolume(req, timeout=30)
         # Pending, copying in the background: ABORTED before the deadline, not DEADLINE_EXCEEDED.
         assert first.value.code() == grpc.StatusCode.ABORTED, first.value.details()
         probes: list[float] = []
