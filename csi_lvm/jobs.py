@@ -53,11 +53,17 @@ POLL_SECONDS = 0.5
 
 @dataclass(frozen=True)
 class Caller:
-    """What a waiting RPC knows of its caller: time to its deadline (None: it set none) and
-    whether it is still waiting (a cancelled RPC stops waiting)."""
+    """What a waiting RPC knows of its caller: its deadline (time.monotonic(); None: it set
+    none) and whether it is still waiting (a cancelled RPC stops waiting). The deadline is
+    absolute: the RPC's own work before it waits (an lvcreate) counts against it."""
 
-    remaining: float | None = None
+    deadline: float | None = None
     active: Callable[[], bool] = field(default=lambda: True)
+
+    @classmethod
+    def within(cls, seconds: float | None,
+               active: Callable[[], bool] = lambda: True) -> Caller:
+        return cls(None if seconds is None else time.monotonic() + seconds, active)
 
     @classmethod
     def of(cls, context: object) -> Caller:
@@ -67,7 +73,10 @@ class Caller:
         remaining = time_remaining() if callable(time_remaining) else None
         if remaining is not None and remaining > NO_DEADLINE:
             remaining = None  # grpc's "no deadline" is a deadline centuries away
-        return cls(remaining, is_active if callable(is_active) else (lambda: True))
+        return cls.within(remaining, is_active if callable(is_active) else (lambda: True))
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
 @dataclass
@@ -131,9 +140,10 @@ class Jobs:
 
     def budget(self, caller: Caller) -> float:
         """How long an RPC of this caller may wait for a job."""
-        if caller.remaining is None:
+        remaining = caller.remaining()
+        if remaining is None:
             return self.wait_seconds
-        return max(0.0, caller.remaining - min(DEADLINE_MARGIN, caller.remaining / 5))
+        return max(0.0, remaining - min(DEADLINE_MARGIN, remaining / 5))
 
     def wait(self, job: Job, caller: Caller) -> bool:
         """Wait for `job` to end within the caller's budget, holding a waiter slot (none

@@ -18,7 +18,7 @@ from csi_lvm.jobs import Caller, Jobs, Progress
 from csi_lvm.locks import InFlight
 from edge_common.errors import Aborted, ResourceExhausted
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
-from tests.csi.conftest import CsiRig, block_cap, code_of, create_request
+from tests.csi.conftest import CsiRig, LvmGate, block_cap, code_of, create_request
 
 MiB = 1 << 20
 
@@ -150,7 +150,7 @@ def test_the_wait_follows_the_callers_deadline_not_the_configured_bound() -> Non
     # wait_seconds (for callers without a deadline) is tiny; the caller's deadline is not.
     jobs = Jobs(wait_seconds=0.01)
     work, out = Gate(MiB), []
-    thread = threading.Thread(target=_waiting, args=(jobs, "vg/d", work, Caller(60.0), out))
+    thread = threading.Thread(target=_waiting, args=(jobs, "vg/d", work, Caller.within(60.0), out))
     thread.start()
     assert work.halfway.wait(10)
     threading.Event().wait(0.3)  # far beyond wait_seconds: still waiting
@@ -162,21 +162,21 @@ def test_the_wait_follows_the_callers_deadline_not_the_configured_bound() -> Non
     second = Gate(MiB)
     with pytest.raises(Aborted):
         jobs.run("vg/f", "create", "copy", MiB, second, InFlight().take("lv:vg/f"),
-                 caller=Caller(0.05))  # a near deadline: ABORTED before it
+                 caller=Caller.within(0.05))  # a near deadline: ABORTED before it
     threading.Timer(0.3, second.go.set).start()
-    jobs.check("vg/f", "create", Caller(60.0))
+    jobs.check("vg/f", "create", Caller.within(60.0))
     assert second.runs == 1 and jobs.running() == []
 
 
 def test_a_near_deadline_answers_aborted_before_it_and_a_cancelled_caller_stops_waiting(
 ) -> None:
     jobs = Jobs(wait_seconds=60.0)
-    assert jobs.budget(Caller(30.0)) == 28.0  # 2 s before the deadline
-    assert jobs.budget(Caller(5.0)) == 4.0  # a fifth of a near one
+    assert jobs.budget(Caller.within(30.0)) == pytest.approx(28.0, abs=0.1)  # 2 s before
+    assert jobs.budget(Caller.within(5.0)) == pytest.approx(4.0, abs=0.1)  # a fifth of it
     assert jobs.budget(Caller()) == 60.0
     work, out = Gate(MiB), []
     gone = threading.Event()
-    caller = Caller(None, lambda: not gone.is_set())
+    caller = Caller.within(None, lambda: not gone.is_set())
     thread = threading.Thread(target=_waiting, args=(jobs, "vg/g", work, caller, out))
     thread.start()
     assert work.halfway.wait(10)
@@ -206,7 +206,7 @@ def test_waiting_rpcs_are_bounded_so_the_rest_never_wait() -> None:
     with pytest.raises(Aborted, match="in the background"):
         jobs.run("vg/w2", "create", "copy", MiB, gates[2], InFlight().take("lv:vg/w2"))
     with pytest.raises(Aborted, match="in progress"):
-        jobs.check("vg/w2", "create", Caller(30.0))
+        jobs.check("vg/w2", "create", Caller.within(30.0))
     assert all(t.is_alive() for t in threads) and outs == [[], []]
     for gate in gates:
         gate.go.set()
@@ -274,4 +274,31 @@ def test_a_caller_without_a_deadline_waits_data_job_wait_seconds_then_gets_abort
     assert code_of(lambda: csi.controller.CreateVolume(request)) == grpc.StatusCode.ABORTED
     assert not go.is_set()
     go.set()
+    assert csi.controller.CreateVolume(request, timeout=30).volume.volume_id
+
+
+def test_the_rpcs_own_work_before_the_wait_counts_against_its_deadline(
+        csi_factory: Callable[..., CsiRig], gate: LvmGate,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # lvcreate is held 3 s of a 6 s deadline: the wait for the copy gets what is left, and
+    # the caller hears ABORTED (pending), not DEADLINE_EXCEEDED.
+    csi = csi_factory(lvm_command=gate.command)
+    assert csi.driver is not None
+    controller = csi.driver.controller
+    go = threading.Event()
+    controller.live = True
+    monkeypatch.setattr(controller, "_populate", lambda *a, **k: go.wait(60))
+    request = create_request("pvc-late-wait", caps=[block_cap()])
+    gate.arm("lvcreate")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(csi.controller.CreateVolume, request, timeout=6)
+            gate.wait_reached()
+            threading.Event().wait(3)
+            gate.release()
+            with pytest.raises(grpc.RpcError) as info:
+                call.result(timeout=30)
+        assert info.value.code() == grpc.StatusCode.ABORTED, info.value.details()
+    finally:
+        go.set()
     assert csi.controller.CreateVolume(request, timeout=30).volume.volume_id
