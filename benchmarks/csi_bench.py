@@ -399,8 +399,8 @@ def report(r: dict[str, float], iterations: int, batch: int) -> str:
             "workers and Probe answers from the capacity cache's recent LVM read (no lvm "
             "process), so its p50 does not move; its p99 follows the emulated CPU's contention "
             "(the guest has 2 vCPUs for the copy, the driver and the probes). The clone's time "
-            "includes the temporary snapshot, the copy in 4 MiB chunks with fsync, and the "
-            "retry cadence of the caller.",
+            "includes the temporary snapshot and the copy in 4 MiB chunks with fsync; the "
+            "CreateVolume that starts it waits for it within its deadline (no retries).",
             "",
         ] if "probe_busy_p99" in r else []),
     ]
