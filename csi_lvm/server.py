@@ -16,8 +16,9 @@ from csi_lvm.cryptsetup import Cryptsetup
 from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.finish import Finisher
 from csi_lvm.identity import Identity
-from csi_lvm.jobs import Jobs
+from csi_lvm.jobs import Jobs, max_job_waiters
 from csi_lvm.locks import InFlight
+from csi_lvm.lvmwatch import ChangeWatch
 from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.published import PublishedCapacity
@@ -62,6 +63,7 @@ class Driver:
         self.registry = registry or CollectorRegistry()
         self.lvm: Lvm | None = None
         self.cache: CapacityCache | None = None
+        self.change_watch: ChangeWatch | None = None
         self.sweep_metrics: SweepMetrics | None = None
         if config.mode is Mode.ALL:
             self.sweep_metrics = SweepMetrics(self.registry)
@@ -75,6 +77,9 @@ class Driver:
             self.pool_watch = PoolWatch(self.events, config.thin_overprovision_ratio,
                                         PoolThresholds.of(config), config.node_id)
             self.cache.on_refresh(self.pool_watch)
+            self.change_watch = ChangeWatch(self.cache, config.lvm_change_paths,
+                                            config.lvm_change_check_seconds,
+                                            config.block_events)
         self.locks = InFlight()
         self.encryption = build_encryption(config, self.registry)
         self.rewrap: RewrapLoop | None = None
@@ -90,7 +95,8 @@ class Driver:
                                      registry=self.registry)
         self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
-                         self.registry if config.mode is Mode.ALL else None)
+                         self.registry if config.mode is Mode.ALL else None,
+                         max_waiting=max_job_waiters(config))
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs,
                                      encryption=self.encryption, finisher=self.finisher)
@@ -132,6 +138,8 @@ class Driver:
             self.cache.start()
         if self.finisher is not None:
             self.finisher.start()
+        if self.change_watch is not None:
+            self.change_watch.start()
         if self.rewrap is not None:
             self.rewrap.start()
         if self.config.metrics_address:
@@ -148,14 +156,19 @@ class Driver:
         self.server.stop(grace)
         self._stop_finisher()
         self._stop_encryption()
-        if self.cache is not None:
-            self.cache.stop()
+        self._stop_cache()
         if self.metrics is not None:
             self.metrics.stop()
 
     def run_until_signal(self) -> None:
         self.start()
         self.server.run_until_signal(on_stop=self._after_stop)
+
+    def _stop_cache(self) -> None:
+        if self.change_watch is not None:
+            self.change_watch.stop()
+        if self.cache is not None:
+            self.cache.stop()
 
     def _stop_encryption(self) -> None:
         if self.rewrap is not None:
@@ -170,8 +183,7 @@ class Driver:
     def _after_stop(self) -> None:
         self._stop_finisher()
         self._stop_encryption()
-        if self.cache is not None:
-            self.cache.stop()
+        self._stop_cache()
         if self.metrics is not None:
             self.metrics.stop()
 
