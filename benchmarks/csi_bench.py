@@ -570,6 +570,16 @@ def write_docs(section: str) -> None:
     write_section(SECTION, section)
 
 
+def one_part(marker: str, here: Callable[[list[str]], dict[str, float]],
+             anywhere: Callable[[], dict[str, float]]) -> int:
+    """One device-mapper part: on the guest's first disk (EDGE_GUEST_DISKS) when there is
+    one, else wherever it can run; its figures as one JSON line after marker."""
+    disks = [d for d in os.environ.get("EDGE_GUEST_DISKS", "").split(",") if d]
+    figures = here(disks[:1]) if disks else anywhere()
+    print(marker + json.dumps(figures), flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -594,17 +604,13 @@ def main() -> int:
                         "(EDGE_GUEST_DISKS in the guest); prints one JSON line")
     args = parser.parse_args()
     if args.clone_only:
-        disks = [d for d in os.environ.get("EDGE_GUEST_DISKS", "").split(",") if d]
-        figures = probe_during_clone(disks[:1], args.clone_mib, args.probes) if disks else \
-            probe_during_clone_anywhere(args.clone_mib, args.probes)
-        print(CLONE_JSON + json.dumps(figures), flush=True)
-        return 0
+        return one_part(CLONE_JSON, lambda devices: probe_during_clone(
+            devices, args.clone_mib, args.probes),
+            lambda: probe_during_clone_anywhere(args.clone_mib, args.probes))
     if args.dm_only:
-        disks = [d for d in os.environ.get("EDGE_GUEST_DISKS", "").split(",") if d]
-        figures = create_on_dm(disks[:1], args.dm_iterations, args.dm_batch) if disks else \
-            create_on_dm_anywhere(args.dm_iterations, args.dm_batch)
-        print(DM_JSON + json.dumps(figures), flush=True)
-        return 0
+        return one_part(DM_JSON, lambda devices: create_on_dm(
+            devices, args.dm_iterations, args.dm_batch),
+            lambda: create_on_dm_anywhere(args.dm_iterations, args.dm_batch))
     results = run(args.iterations, args.batch)
     if args.dm_figures:
         results.update(json.loads(args.dm_figures))
