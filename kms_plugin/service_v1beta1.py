@@ -8,6 +8,7 @@ call either; Decrypt costs one per local KEK this process has not seen yet.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import grpc
@@ -62,7 +63,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
         with self.rpc.call("Decrypt", context=context) as scope:
             _check_version(request.version)
             plain, scope.key_id = self.keys.decrypt_legacy(
-                request.cipher, deadline=deadline_of(context)
+                request.cipher, deadline=functools.partial(deadline_of, context)
             )
             return service_pb2.DecryptResponse(plain=plain)
 
