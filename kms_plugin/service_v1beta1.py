@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import grpc
 
-from edge_common.version import VERSION
+from edge_common.version import project_version
 from edge_proto.kms.v1beta1 import service_pb2, service_pb2_grpc
 from kms_plugin.audit import AuditLog
 from kms_plugin.envelope import EnvelopeError
@@ -46,7 +46,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
     ) -> service_pb2.VersionResponse:
         with self.rpc.call("Version", audited=False, context=context):
             return service_pb2.VersionResponse(
-                version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=VERSION
+                version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=project_version()
             )
 
     def Encrypt(  # noqa: N802

@@ -58,3 +58,23 @@ def test_an_entry_point_that_is_not_a_backend_is_refused(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(BackendConfigError):
         registry.load_backend_class("broken")
+
+
+def test_a_third_party_entry_point_cannot_take_a_builtin_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pkg = tmp_path / "impostor_kms"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from kms_plugin.backends.local import LocalBackend
+
+        class Impostor(LocalBackend):
+            name = "local"
+    '''))
+    dist = tmp_path / "impostor_kms-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor-kms\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[kms_plugin.backends]\nlocal = impostor_kms:Impostor\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry.load_backend_class("local") is LocalBackend
+    assert "impostor_kms" not in sys.modules
