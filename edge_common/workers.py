@@ -44,7 +44,7 @@ class IdleExitThreadPool(futures.Executor):
         # waiting threads, the most recently idle last: new work goes to the last one, so the
         # threads a burst started stay unused afterwards and exit (a FIFO would keep them all
         # busy with a trickle of calls)
-        self._idle: list[threading.Event] = []
+        self._idle: list[threading.Lock] = []  # each held; release() wakes its thread
         self._threads = 0  # started and not exited
         self._started = 0  # for thread names
         self._shutdown = False
@@ -62,7 +62,7 @@ class IdleExitThreadPool(futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._work.append((future, fn, args, kwargs))
             if self._idle:
-                self._idle.pop().set()  # the most recently idle thread takes it
+                self._idle.pop().release()  # the most recently idle thread takes it
             elif self._threads < self._max:
                 self._threads += 1
                 self._started += 1
@@ -79,7 +79,8 @@ class IdleExitThreadPool(futures.Executor):
         return future
 
     def _worker(self) -> None:
-        wake = threading.Event()
+        wake = threading.Lock()  # a lock, not an Event: acquire(timeout) is one C call
+        wake.acquire()
         while True:
             with self._lock:
                 item = self._work.popleft() if self._work else None
@@ -87,18 +88,20 @@ class IdleExitThreadPool(futures.Executor):
                     if self._shutdown:
                         self._exit()
                         return
-                    wake.clear()
                     self._idle.append(wake)
             if item is not None:
                 _run(*item)
                 del item  # nothing of a finished call stays referenced while idle
                 continue
-            wake.wait(self._idle_seconds)
+            # held again after a wake-up; a release that came just after a timeout wakes the
+            # next wait at once (woken, not handed): that thread simply looks for work again
+            woken = wake.acquire(timeout=self._idle_seconds)
             with self._lock:
                 handed = wake not in self._idle  # submit or shutdown took it off (maybe late)
                 if not handed:
                     self._idle.remove(wake)
-                if handed or self._work or self._shutdown or self._threads <= self._keep:
+                if (handed or woken or self._work or self._shutdown
+                        or self._threads <= self._keep):
                     continue
                 self._exit()
                 idle_now = len(self._idle) == self._threads
@@ -118,7 +121,7 @@ class IdleExitThreadPool(futures.Executor):
                 while self._work:
                     self._work.popleft()[0].cancel()
             while self._idle:
-                self._idle.pop().set()
+                self._idle.pop().release()
             if wait:
                 while self._threads:
                     self._all_exited.wait()
