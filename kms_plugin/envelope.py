@@ -217,6 +217,11 @@ def seed_header(kek_id: bytes) -> bytes:
     return bytes([FORMAT_V1]) + kek_id
 
 
+def legacy_header(key_id: str, record: bytes) -> bytes:
+    """The bytes a v1beta1 blob under ``key_id`` and local-KEK ``record`` starts with."""
+    return bytes([FORMAT_V1]) + _lp16(key_id.encode()) + _lp16(record)
+
+
 def split_seed(data: bytes) -> tuple[bytes, bytes, bytes]:
     """(kek_id, nonce, sealed) of a v2 ciphertext: length and version checked, nothing else."""
     if not _SEED_MIN <= len(data) <= CIPHERTEXT_MAX:
@@ -285,13 +290,7 @@ class LegacyBlob:
     sealed: bytes
 
     def encode(self) -> bytes:
-        return (
-            bytes([FORMAT_V1])
-            + _lp16(self.key_id.encode())
-            + _lp16(self.record)
-            + self.nonce
-            + self.sealed
-        )
+        return legacy_header(self.key_id, self.record) + self.nonce + self.sealed
 
     @classmethod
     def decode(cls, data: bytes) -> LegacyBlob:
@@ -403,6 +402,7 @@ __all__ = [
     "key_id_hash",
     "local_kek_context",
     "parse_decrypt_request",
+    "legacy_header",
     "parse_legacy_blob",
     "seed_header",
     "split_legacy",

@@ -45,6 +45,7 @@ from kms_plugin.envelope import (
     SealedSeed,
     derive_key_id,
     key_id_hash,
+    legacy_header,
     local_kek_context,
     parse_decrypt_request,
     parse_legacy_blob,
@@ -104,10 +105,12 @@ class LocalKek:
     # fixed parts of every ciphertext sealed with this KEK, built once
     seed_header: bytes = field(init=False, repr=False)
     seed_aad: bytes = field(init=False, repr=False)
+    legacy_header: bytes = field(init=False, repr=False)
     legacy_aad: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.seed_header = seed_header(self.record.kek_id)
+        self.legacy_header = legacy_header(self.key_id, self.record_bytes)
         self.seed_aad = SealedSeed.aad(self.record.kek_id, self.key_id)
         self.legacy_aad = LegacyBlob.aad(self.record.kek_id, self.key_id)
 
@@ -335,7 +338,7 @@ class KeyManager:
         kek = self._kek_for_encrypt()
         nonce = os.urandom(NONCE_SIZE)
         sealed = kek.aead.encrypt(nonce, plaintext, kek.legacy_aad)
-        return LegacyBlob(kek.key_id, kek.record_bytes, nonce, sealed).encode(), kek.key_id
+        return kek.legacy_header + nonce + sealed, kek.key_id
 
     def _open(self, record: KekRecord, record_bytes: bytes, deadline: Deadline) -> OpenKek:
         """The local KEK of a strictly parsed record: from the cache, or unwrapped once."""
