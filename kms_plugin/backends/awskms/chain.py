@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from kms_plugin.backends.awskms.credentials import AwsCredentials
+from kms_plugin.backends.awskms.credentials import AwsCredentials, shared_file
 from kms_plugin.backends.errors import BackendConfigError, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -250,11 +250,7 @@ def container(env: Mapping[str, str]) -> RefreshingCredentials:
 
 
 def default_config_file(env: Mapping[str, str]) -> Path:
-    explicit = env.get("AWS_CONFIG_FILE")
-    if explicit:
-        return Path(explicit).expanduser()
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".aws" / "config"
+    return shared_file(env, "AWS_CONFIG_FILE", "config")
 
 
 def configured_process(env: Mapping[str, str], profile: str) -> str | None:

@@ -119,12 +119,17 @@ def read_credentials_file(path: Path, profile: str) -> AwsCredentials:
     return AwsCredentials(access, secret, token, source=f"file:{path} [{profile}]")
 
 
-def default_credentials_file(env: Mapping[str, str]) -> Path:
-    explicit = env.get("AWS_SHARED_CREDENTIALS_FILE")
+def shared_file(env: Mapping[str, str], variable: str, name: str) -> Path:
+    """An AWS shared file: the path in ``variable``, else ``~/.aws/<name>``."""
+    explicit = env.get(variable)
     if explicit:
         return Path(explicit).expanduser()
     home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".aws" / "credentials"
+    return Path(home) / ".aws" / name
+
+
+def default_credentials_file(env: Mapping[str, str]) -> Path:
+    return shared_file(env, "AWS_SHARED_CREDENTIALS_FILE", "credentials")
 
 
 def resolve_credentials(
