@@ -57,12 +57,13 @@ class IdleExitThreadPool(futures.Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         future: futures.Future[Any] = futures.Future()
+        wake: threading.Lock | None = None
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._work.append((future, fn, args, kwargs))
             if self._idle:
-                self._idle.pop().release()  # the most recently idle thread takes it
+                wake = self._idle.pop()  # the most recently idle thread takes it
             elif self._threads < self._max:
                 self._threads += 1
                 self._started += 1
@@ -76,6 +77,11 @@ class IdleExitThreadPool(futures.Executor):
                     self._work.pop()
                     raise
             # else: every thread is busy; the first one free takes it
+        if wake is not None:  # after our lock: the woken thread must not wait for it at once
+            try:
+                wake.release()
+            except RuntimeError:  # still released by an earlier hand-over: it wakes anyway
+                pass
         return future
 
     def _worker(self) -> None:
