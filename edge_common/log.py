@@ -20,14 +20,26 @@ _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+LogContextToken = contextvars.Token[dict[str, Any]]
+
+
+def push_log_context(fields: dict[str, Any]) -> LogContextToken:
+    """log_context for hot paths (no generator): add fields until pop_log_context(token)."""
+    return _context.set({**_context.get(), **fields})
+
+
+def pop_log_context(token: LogContextToken) -> None:
+    _context.reset(token)
+
+
 @contextlib.contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
     """Add fields to every log line written inside the block (also in threads it starts)."""
-    token = _context.set({**_context.get(), **fields})
+    token = push_log_context(fields)
     try:
         yield
     finally:
-        _context.reset(token)
+        pop_log_context(token)
 
 
 class JsonFormatter(logging.Formatter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ def run_checks(checks: Mapping[str, Check]) -> tuple[bool, str]:
     return ok, "\n".join(lines) + "\n"
 
 
+class _HttpServer(ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also looks up the host's FQDN (reverse DNS at start-up, and the
+        # idna codec with unicodedata in memory for good) for SERVER_NAME, which only CGI reads
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
 class MetricsServer:
     """Serves /metrics, /healthz and /readyz on a local address in a daemon thread."""
 
@@ -54,7 +65,7 @@ class MetricsServer:
         self.registry = registry
         self.checks = checks or HealthChecks()
         handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer((address, port), handler)
+        self._httpd = _HttpServer((address, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http",
                                         daemon=True)

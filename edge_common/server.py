@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from edge_common.errors import ServiceError
 from edge_common.log import log_context
+from edge_common.workers import IdleExitThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,17 @@ class GrpcServer:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         options: Sequence[tuple[str, Any]] = (),
         map_errors: bool = True,
+        idle_thread_seconds: float | None = None,
+        keep_threads: int = 2,
+        on_threads_shrink: Callable[[], None] | None = None,
     ) -> None:
         """``map_errors`` False: the services end failed calls themselves (context.abort) and
-        count them; the per-call error interceptor (and its cost) is left out."""
+        count them; the per-call error interceptor (and its cost) is left out.
+
+        ``idle_thread_seconds``: server threads idle that long exit (down to ``keep_threads``;
+        ``on_threads_shrink`` runs after each exit), so a burst of concurrent calls does not
+        leave its threads behind (edge_common.workers).  None: a ThreadPoolExecutor, whose
+        threads stay."""
         self.endpoint = parse_endpoint(endpoint)
         self._register = list(register)
         self._socket_mode = socket_mode
@@ -192,6 +201,9 @@ class GrpcServer:
         self._interceptors = [*([ServiceInterceptor(metrics)] if map_errors else []),
                               *interceptors]
         self._options = list(options)
+        self._idle_thread_seconds = idle_thread_seconds
+        self._keep_threads = keep_threads
+        self._on_threads_shrink = on_threads_shrink
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
@@ -199,9 +211,18 @@ class GrpcServer:
         ep = self.endpoint
         if ep.path is not None:
             prepare_socket_path(ep.path)
+        pool: futures.Executor
+        if self._idle_thread_seconds is None:
+            pool = futures.ThreadPoolExecutor(max_workers=self._max_workers,
+                                              thread_name_prefix="grpc")
+        else:
+            pool = IdleExitThreadPool(
+                self._max_workers, idle_seconds=self._idle_thread_seconds,
+                keep=self._keep_threads, thread_name_prefix="grpc",
+                on_shrink=self._on_threads_shrink,
+            )
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers,
-                                       thread_name_prefix="grpc"),
+            pool,  # grpc only calls submit()
             interceptors=self._interceptors,
             options=self._options,
         )

@@ -20,7 +20,7 @@ from typing import Any
 from edge_common.config import ConfigError, add_arguments, resolve
 from edge_common.log import setup_logging
 from edge_common.server import EndpointError
-from edge_common.version import VERSION
+from edge_common.version import project_version
 from kms_plugin.backends.errors import BackendConfigError, BackendError
 from kms_plugin.config import ENV_PREFIX, LogFormat, PluginConfig
 
@@ -50,6 +50,20 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
                 print(f"  {k}: {v}")
         else:
             print(f"{key}: {value}")
+
+
+class _VersionAction(argparse.Action):
+    """--version, reading the version only when asked (serve never needs it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str = "show the version and exit"
+                 ) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{PROG} {project_version()}")
+        parser.exit()
 
 
 # --- serve -------------------------------------------------------------------------------
@@ -205,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="KMS v2 (and v1beta1) encryption provider for kube-apiserver with a local "
         "key hierarchy over pluggable root-key backends (local keyring, PKCS#11 HSM, AWS KMS).",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve", help="serve KMS v2 and v1beta1 on the unix socket",

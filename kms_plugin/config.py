@@ -43,7 +43,7 @@ class PluginConfig:
     max_workers: int = option(
         64, help="requests that may wait for the backend at once (more get UNAVAILABLE at "
         "once); the server has 2 threads more, so Status always answers (threads start on "
-        "demand: an idle plugin has few)"
+        "demand and exit after 3 s idle: an idle plugin has 2)"
     )
     shutdown_grace: float = option(
         10.0, help="seconds in-flight calls get to finish after SIGTERM", metavar="SECONDS"

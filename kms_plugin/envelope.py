@@ -204,6 +204,54 @@ class KekRecord:
         return cls(kek_id, backend, RootKeyVersion(key_ref, version), wrapped)
 
 
+# --- the hot path: split without building objects ----------------------------------------
+# Decrypt of a local KEK this process already holds (kms_plugin.keys) compares the parts with
+# what was checked when the KEK was cached, so it needs only these splits: length, version,
+# bounds.  Everything else is parsed strictly (the classes below) on the way into the cache.
+
+_NONCE_AT = 1 + KEK_ID_SIZE
+
+
+def seed_header(kek_id: bytes) -> bytes:
+    """The bytes a v2 ciphertext sealed with local KEK ``kek_id`` starts with."""
+    return bytes([FORMAT_V1]) + kek_id
+
+
+def legacy_header(key_id: str, record: bytes) -> bytes:
+    """The bytes a v1beta1 blob under ``key_id`` and local-KEK ``record`` starts with."""
+    return bytes([FORMAT_V1]) + _lp16(key_id.encode()) + _lp16(record)
+
+
+def split_seed(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(kek_id, nonce, sealed) of a v2 ciphertext: length and version checked, nothing else."""
+    if not _SEED_MIN <= len(data) <= CIPHERTEXT_MAX:
+        raise EnvelopeError("ciphertext length out of range")
+    if data[0] != FORMAT_V1:
+        raise EnvelopeError("ciphertext version")
+    return data[1:_NONCE_AT], data[_NONCE_AT:_SEED_HEADER], data[_SEED_HEADER:]
+
+
+def split_legacy(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(key_id as bytes, local-KEK record, nonce, sealed) of a v1beta1 blob: version and
+    bounds checked; the key_id's text and the record are not parsed here."""
+    size = len(data)
+    if not size:
+        raise EnvelopeError("empty blob")
+    if data[0] != FORMAT_V1:
+        raise EnvelopeError("blob version")
+    if size < 3:
+        raise EnvelopeError("truncated")
+    key_end = 3 + ((data[1] << 8) | data[2])
+    if key_end + 2 > size:
+        raise EnvelopeError("truncated")
+    record_end = key_end + 2 + ((data[key_end] << 8) | data[key_end + 1])
+    nonce_end = record_end + NONCE_SIZE
+    if size - nonce_end < TAG_SIZE + 1:
+        raise EnvelopeError("truncated or sealed part too short")
+    record = data[key_end + 2 : record_end]
+    return data[3:key_end], record, data[record_end:nonce_end], data[nonce_end:]
+
+
 def _seed_aad(kek_id: bytes, key_id: str) -> bytes:
     return _AAD_SEED + bytes([FORMAT_V1]) + kek_id + _lp16(key_id.encode())
 
@@ -221,20 +269,11 @@ class SealedSeed:
     sealed: bytes
 
     def encode(self) -> bytes:
-        return bytes([FORMAT_V1]) + self.kek_id + self.nonce + self.sealed
+        return seed_header(self.kek_id) + self.nonce + self.sealed
 
     @classmethod
     def decode(cls, data: bytes) -> SealedSeed:
-        if not _SEED_MIN <= len(data) <= CIPHERTEXT_MAX:
-            raise EnvelopeError("ciphertext length out of range")
-        if data[0] != FORMAT_V1:
-            raise EnvelopeError("ciphertext version")
-        nonce_at = 1 + KEK_ID_SIZE
-        return cls(
-            bytes(data[1:nonce_at]),
-            bytes(data[nonce_at:_SEED_HEADER]),
-            bytes(data[_SEED_HEADER:]),
-        )
+        return cls(*split_seed(bytes(data)))
 
     @staticmethod
     def aad(kek_id: bytes, key_id: str) -> bytes:
@@ -251,28 +290,12 @@ class LegacyBlob:
     sealed: bytes
 
     def encode(self) -> bytes:
-        return (
-            bytes([FORMAT_V1])
-            + _lp16(self.key_id.encode())
-            + _lp16(self.record)
-            + self.nonce
-            + self.sealed
-        )
+        return legacy_header(self.key_id, self.record) + self.nonce + self.sealed
 
     @classmethod
     def decode(cls, data: bytes) -> LegacyBlob:
-        if not data:
-            raise EnvelopeError("empty blob")
-        r = _Reader(bytes(data))
-        if r.byte() != FORMAT_V1:
-            raise EnvelopeError("blob version")
-        key_id = _text(r.lp16(), KEY_ID_MAX, "key_id")
-        record = r.lp16()
-        nonce = r.take(NONCE_SIZE)
-        sealed = r.rest()
-        if len(sealed) < TAG_SIZE + 1:
-            raise EnvelopeError("sealed part too short")
-        return cls(key_id, record, nonce, sealed)
+        key_id, record, nonce, sealed = split_legacy(bytes(data))
+        return cls(_text(key_id, KEY_ID_MAX, "key_id"), record, nonce, sealed)
 
     @staticmethod
     def aad(kek_id: bytes, key_id: str) -> bytes:
@@ -379,6 +402,10 @@ __all__ = [
     "key_id_hash",
     "local_kek_context",
     "parse_decrypt_request",
+    "legacy_header",
     "parse_legacy_blob",
+    "seed_header",
+    "split_legacy",
+    "split_seed",
     "validate_key_id",
 ]

@@ -6,8 +6,10 @@ the same user (root keeps CAP_SYS_PTRACE; that is the kernel's line, not ours).
 
 Memory: glibc gives every thread that allocates an arena of its own, and keeps freed memory;
 after a request storm an idle plugin would stay megabytes bigger.  ``M_ARENA_MAX`` 2 and a
-``malloc_trim`` after each round of background work keep the idle footprint at what the
-imports need (CPython's small objects do not use these arenas; large buffers do).
+``malloc_trim`` after each round of background work and whenever the server's thread pool
+is idle again after a burst (its extra threads exit: edge_common.workers) keep the idle
+footprint at what the imports need (CPython's small objects do not use these arenas; large
+buffers do).
 """
 
 from __future__ import annotations

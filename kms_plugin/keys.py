@@ -45,10 +45,18 @@ from kms_plugin.envelope import (
     SealedSeed,
     derive_key_id,
     key_id_hash,
+    legacy_header,
     local_kek_context,
     parse_decrypt_request,
     parse_legacy_blob,
+    seed_header,
+    split_legacy,
+    split_seed,
 )
+
+# a deadline (time.monotonic()), none, or a function giving it: the requests pass a function,
+# so the deadline is worked out only when the backend is needed (a cache miss)
+Deadline = float | None | Callable[[], float | None]
 
 log = logging.getLogger("kms_plugin.keys")
 
@@ -94,6 +102,17 @@ class LocalKek:
     created_wall: float  # time.time()
     _uses: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _used: int = 0
+    # fixed parts of every ciphertext sealed with this KEK, built once
+    seed_header: bytes = field(init=False, repr=False)
+    seed_aad: bytes = field(init=False, repr=False)
+    legacy_header: bytes = field(init=False, repr=False)
+    legacy_aad: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.seed_header = seed_header(self.record.kek_id)
+        self.legacy_header = legacy_header(self.key_id, self.record_bytes)
+        self.seed_aad = SealedSeed.aad(self.record.kek_id, self.key_id)
+        self.legacy_aad = LegacyBlob.aad(self.record.kek_id, self.key_id)
 
     @property
     def kek_id(self) -> bytes:
@@ -121,6 +140,28 @@ class LocalKek:
         return (time.monotonic() if now is None else now) - self.created_at
 
 
+class OpenKek:
+    """An unwrapped local KEK as the cache holds it, under the exact bytes of its record.
+
+    Only a record that passed the strict parse (or one this process made) gets here, with the
+    key_id derived from it, so a Decrypt whose annotation is these bytes needs no parsing: it
+    compares the ciphertext's local KEK id and the request's key_id with these.
+    """
+
+    __slots__ = ("aead", "kek_id", "key_id", "key_id_bytes", "seed_aad", "legacy_aad")
+
+    def __init__(self, aead: AESGCM, record: KekRecord) -> None:
+        self.aead = aead
+        self.kek_id = record.kek_id
+        self.key_id = record.key_id
+        self.key_id_bytes = record.key_id.encode()
+        self.seed_aad = SealedSeed.aad(record.kek_id, record.key_id)
+        self.legacy_aad = LegacyBlob.aad(record.kek_id, record.key_id)
+
+    def __repr__(self) -> str:  # never the key
+        return f"OpenKek(key_id={self.key_id!r})"
+
+
 def _cache_key(record_bytes: bytes) -> bytes:
     # the record itself (at most a few hundred bytes): hashing it costs less than a digest
     return record_bytes
@@ -145,7 +186,7 @@ class KeyManager:
         self.backend_name = backend_name
         self.policy = policy or KekPolicy()
         self._events = events or KeyEvents()
-        self._cache: SingleFlightLRU[bytes, AESGCM] = SingleFlightLRU(
+        self._cache: SingleFlightLRU[bytes, OpenKek] = SingleFlightLRU(
             cache_size, on_event=self._events.cache_event
         )
         self._current: LocalKek | None = None
@@ -203,7 +244,7 @@ class KeyManager:
                 raise InvalidCiphertext("backend failed to unwrap a freshly wrapped local KEK")
         record_bytes = record.encode()
         aead = AESGCM(key)
-        self._cache.put(_cache_key(record_bytes), aead)
+        self._cache.put(_cache_key(record_bytes), OpenKek(aead, record))
         return LocalKek(
             record=record,
             record_bytes=record_bytes,
@@ -287,9 +328,8 @@ class KeyManager:
             raise EnvelopeError("plaintext length out of range")
         kek = self._kek_for_encrypt()
         nonce = os.urandom(NONCE_SIZE)
-        sealed = kek.aead.encrypt(nonce, plaintext, SealedSeed.aad(kek.kek_id, kek.key_id))
-        ciphertext = SealedSeed(kek.kek_id, nonce, sealed).encode()
-        return ciphertext, kek.key_id, kek.annotations
+        sealed = kek.aead.encrypt(nonce, plaintext, kek.seed_aad)
+        return kek.seed_header + nonce + sealed, kek.key_id, kek.annotations
 
     def encrypt_legacy(self, plaintext: bytes) -> tuple[bytes, str]:
         """KMS v1beta1 Encrypt: one self-contained blob (and the key_id inside it)."""
@@ -297,31 +337,31 @@ class KeyManager:
             raise EnvelopeError("empty plaintext")
         kek = self._kek_for_encrypt()
         nonce = os.urandom(NONCE_SIZE)
-        sealed = kek.aead.encrypt(nonce, plaintext, LegacyBlob.aad(kek.kek_id, kek.key_id))
-        return LegacyBlob(kek.key_id, kek.record_bytes, nonce, sealed).encode(), kek.key_id
+        sealed = kek.aead.encrypt(nonce, plaintext, kek.legacy_aad)
+        return kek.legacy_header + nonce + sealed, kek.key_id
 
-    def _kek_for_decrypt(
-        self, record: KekRecord, record_bytes: bytes, deadline: float | None
-    ) -> AESGCM:
+    def _open(self, record: KekRecord, record_bytes: bytes, deadline: Deadline) -> OpenKek:
+        """The local KEK of a strictly parsed record: from the cache, or unwrapped once."""
         if record.backend != self.backend_name:
             raise EnvelopeError("record names another backend")
 
-        def load() -> AESGCM:
+        def load() -> OpenKek:
             key = self.backend.unwrap(
-                record.wrapped, record.root, local_kek_context(record.kek_id), deadline=deadline
+                record.wrapped, record.root, local_kek_context(record.kek_id), deadline=until
             )
             if len(key) != KEY_SIZE:
                 raise InvalidCiphertext("backend returned a key of the wrong size")
-            return AESGCM(key)
+            return OpenKek(AESGCM(key), record)
 
+        until = deadline() if callable(deadline) else deadline
         cache_key = _cache_key(record_bytes)
         slots = self._backend_slots
         if slots is None:
-            return self._load_kek(cache_key, load, deadline)
-        aead = self._cache.get(cache_key)
-        if aead is not None:  # the hot path: answered from memory, no slot needed
+            return self._load_kek(cache_key, load, until)
+        entry = self._cache.get(cache_key)
+        if entry is not None:  # answered from memory, no slot needed
             self._events.cache_event("hit")
-            return aead
+            return entry
         # a request that waits for the backend holds a server thread: at most `slots` of them
         # wait at once, so Status and requests answered from memory always find a thread
         if not slots.acquire(blocking=False):
@@ -329,17 +369,25 @@ class KeyManager:
                 "plugin busy: too many requests already wait for the backend; try again"
             )
         try:
-            return self._load_kek(cache_key, load, deadline)
+            return self._load_kek(cache_key, load, until)
         finally:
             slots.release()
 
     def _load_kek(
-        self, cache_key: bytes, load: Callable[[], AESGCM], deadline: float | None
-    ) -> AESGCM:
+        self, cache_key: bytes, load: Callable[[], OpenKek], deadline: float | None
+    ) -> OpenKek:
         try:
             return self._cache.get_or_load(cache_key, load, deadline=deadline)
         except WaitTimeout as exc:
             raise BackendUnavailable("backend did not answer within the request deadline") from exc
+
+    def _cached(self, record_bytes: object) -> OpenKek | None:
+        """The hot path's lookup: the cached local KEK of these exact record bytes, or None.
+        Not counted: the caller counts a hit once the request matches the entry (otherwise
+        the strict path counts its own lookup)."""
+        if type(record_bytes) is not bytes:
+            return None
+        return self._cache.get(_cache_key(record_bytes))
 
     def decrypt_seed(
         self,
@@ -347,29 +395,35 @@ class KeyManager:
         key_id: str,
         annotations: Mapping[str, bytes],
         *,
-        deadline: float | None = None,
+        deadline: Deadline = None,
     ) -> bytes:
-        """KMS v2 Decrypt.  Strict parsing first; any mismatch is an EnvelopeError."""
-        inp = parse_decrypt_request(ciphertext, key_id, annotations)
-        aead = self._kek_for_decrypt(inp.record, inp.record_bytes, deadline)
+        """KMS v2 Decrypt.  Strict parsing first (any mismatch is an EnvelopeError), except
+        for a record this process holds: then its checked parts are compared."""
+        kek_id, nonce, sealed = split_seed(ciphertext)
+        entry = self._cached(annotations.get(ANNOTATION_KEY)) if len(annotations) == 1 else None
+        if entry is not None and entry.key_id == key_id and entry.kek_id == kek_id:
+            self._events.cache_event("hit")
+        else:
+            inp = parse_decrypt_request(ciphertext, key_id, annotations)
+            entry = self._open(inp.record, inp.record_bytes, deadline)
         try:
-            return aead.decrypt(
-                inp.sealed.nonce, inp.sealed.sealed, SealedSeed.aad(inp.sealed.kek_id, key_id)
-            )
+            return entry.aead.decrypt(nonce, sealed, entry.seed_aad)
         except InvalidTag as exc:
             raise EnvelopeError("authentication failed") from exc
 
     def decrypt_legacy(
-        self, blob: bytes, *, deadline: float | None = None
+        self, blob: bytes, *, deadline: Deadline = None
     ) -> tuple[bytes, str]:
         """KMS v1beta1 Decrypt: (plaintext, key_id of the blob)."""
-        legacy, record = parse_legacy_blob(blob)
-        aead = self._kek_for_decrypt(record, legacy.record, deadline)
+        key_id, record_bytes, nonce, sealed = split_legacy(blob)
+        entry = self._cached(record_bytes)
+        if entry is not None and entry.key_id_bytes == key_id:
+            self._events.cache_event("hit")
+        else:
+            legacy, record = parse_legacy_blob(blob)
+            entry = self._open(record, legacy.record, deadline)
         try:
-            plain = aead.decrypt(
-                legacy.nonce, legacy.sealed, LegacyBlob.aad(record.kek_id, legacy.key_id)
-            )
-            return plain, legacy.key_id
+            return entry.aead.decrypt(nonce, sealed, entry.legacy_aad), entry.key_id
         except InvalidTag as exc:
             raise EnvelopeError("authentication failed") from exc
 
@@ -378,4 +432,13 @@ class KeyManager:
         self.backend.close()
 
 
-__all__ = ["HARD_MAX_USES", "UNUSABLE_SUFFIX", "KekPolicy", "KeyEvents", "KeyManager", "LocalKek"]
+__all__ = [
+    "HARD_MAX_USES",
+    "UNUSABLE_SUFFIX",
+    "Deadline",
+    "KekPolicy",
+    "KeyEvents",
+    "KeyManager",
+    "LocalKek",
+    "OpenKek",
+]

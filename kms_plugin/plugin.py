@@ -14,6 +14,7 @@ from kms_plugin.audit import AuditLog
 from kms_plugin.backends.base import KeyBackend
 from kms_plugin.backends.registry import create_backend
 from kms_plugin.config import LogFormat, PluginConfig
+from kms_plugin.hardening import release_free_memory
 from kms_plugin.keys import KeyManager
 from kms_plugin.metrics import InstrumentedBackend, PluginMetrics
 from kms_plugin.monitor import DEGRADED, OK, Monitor, Notifier
@@ -28,6 +29,9 @@ STARTUP_WAIT = 2.0  # seconds serve waits for the first key before opening the s
 # server threads beyond max_workers that requests waiting for the backend can never take:
 # Status (and requests answered from memory) always find one, even in a Decrypt storm
 STATUS_RESERVE = 2
+# server threads idle this long exit (down to 2), and the memory a burst left is given back
+# (docs/kms-plugin.md, "Memory"): an idle plugin stays as small as a fresh one
+IDLE_THREAD_SECONDS = 3.0
 
 
 def check_serving_endpoint(endpoint: str) -> None:
@@ -113,6 +117,8 @@ class Plugin:
             socket_group=config.socket_group,
             max_workers=config.max_workers + STATUS_RESERVE,
             map_errors=False,  # kms_plugin.rpc ends failed calls itself, at less cost
+            idle_thread_seconds=IDLE_THREAD_SECONDS,
+            on_threads_shrink=release_free_memory,
         )
         http = None
         plugin_ref: list[Plugin] = []

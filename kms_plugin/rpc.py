@@ -7,7 +7,6 @@ per call, which costs as much as a whole Encrypt (kube-apiserver makes many)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -16,7 +15,7 @@ from typing import Any
 import grpc
 
 from edge_common.errors import ServiceError
-from edge_common.log import log_context
+from edge_common.log import LogContextToken, pop_log_context, push_log_context
 from kms_plugin.audit import AuditLog
 from kms_plugin.backends.errors import BackendError
 from kms_plugin.envelope import EnvelopeError, key_id_hash
@@ -93,6 +92,7 @@ class _Call:
     """The context manager of one call (a class, not a generator: this is the hot path)."""
 
     __slots__ = ("rpc", "method", "uid", "audit", "context", "scope", "started", "_log")
+    _log: LogContextToken | None
 
     def __init__(
         self, rpc: Rpc, method: str, uid: str, audit: AuditLog | None,
@@ -105,12 +105,13 @@ class _Call:
         self.context = context
         self.scope = RpcScope()
         self.started = 0.0
-        self._log: contextlib.AbstractContextManager[None] | None = None
+        self._log = None
 
     def __enter__(self) -> RpcScope:
         self.started = time.perf_counter()
-        self._log = log_context(request_uid=self.uid, api=self.rpc.api, method=self.method)
-        self._log.__enter__()
+        self._log = push_log_context(
+            {"request_uid": self.uid, "api": self.rpc.api, "method": self.method}
+        )
         return self.scope
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -133,8 +134,8 @@ class _Call:
             if err is not exc:
                 raise err from exc
         finally:
-            assert self._log is not None
-            self._log.__exit__(None, None, None)
+            if self._log is not None:
+                pop_log_context(self._log)
 
 
 __all__ = ["Rpc", "RpcScope", "deadline_of", "hashed_key_id"]

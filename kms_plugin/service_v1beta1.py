@@ -8,11 +8,12 @@ call either; Decrypt costs one per local KEK this process has not seen yet.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import grpc
 
-from edge_common.version import VERSION
+from edge_common.version import project_version
 from edge_proto.kms.v1beta1 import service_pb2, service_pb2_grpc
 from kms_plugin.audit import AuditLog
 from kms_plugin.envelope import EnvelopeError
@@ -45,7 +46,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
     ) -> service_pb2.VersionResponse:
         with self.rpc.call("Version", audited=False, context=context):
             return service_pb2.VersionResponse(
-                version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=VERSION
+                version=API_VERSION, runtime_name=RUNTIME_NAME, runtime_version=project_version()
             )
 
     def Encrypt(  # noqa: N802
@@ -62,7 +63,7 @@ class KmsV1beta1Service(service_pb2_grpc.KeyManagementServiceServicer):
         with self.rpc.call("Decrypt", context=context) as scope:
             _check_version(request.version)
             plain, scope.key_id = self.keys.decrypt_legacy(
-                request.cipher, deadline=deadline_of(context)
+                request.cipher, deadline=functools.partial(deadline_of, context)
             )
             return service_pb2.DecryptResponse(plain=plain)
 

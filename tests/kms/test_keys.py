@@ -155,3 +155,67 @@ def test_plaintext_sizes_outside_the_ciphertext_limit_are_refused(ring: Path):
         km.encrypt_seed(b"x" * 1024)
     ct, _, _ = km.encrypt_seed(b"x" * keys_mod.MAX_SEALED_PLAINTEXT)
     assert len(ct) == 1024
+
+
+class CacheEvents(keys_mod.KeyEvents):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def cache_event(self, kind: str) -> None:
+        self.events.append(kind)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ct, k, a: (ct, k + "x", a),  # another key_id
+        lambda ct, k, a: (ct, "", a),
+        lambda ct, k, a: (ct[:1] + b"z" * 16 + ct[17:], k, a),  # another local KEK id
+        lambda ct, k, a: (b"\x02" + ct[1:], k, a),  # unknown version
+        lambda ct, k, a: (ct[:40], k, a),  # truncated
+        lambda ct, k, a: (ct + b"\x00" * 1024, k, a),  # too long
+        lambda ct, k, a: (ct, k, {**a, "b.example.com": b""}),  # an extra annotation
+        lambda ct, k, a: (ct, k, {}),
+    ],
+    ids=["key-id", "empty-key-id", "kek-id", "version", "truncated", "too-long",
+         "extra-annotation", "no-annotation"],
+)
+def test_a_request_naming_a_cached_record_still_gets_every_check(ring: Path, change):
+    # the hot path compares the request with what the strict parse checked when the record was
+    # cached: each mismatch must still be refused, and not be counted as a cache hit
+    events = CacheEvents()
+    km = KeyManager(local.LocalBackend(ring), "local", events=events)
+    km.refresh_root()
+    ct, key_id, ann = km.encrypt_seed(b"s" * 32)
+    assert km.decrypt_seed(ct, key_id, ann) == b"s" * 32
+    assert events.events == ["hit"]
+    with pytest.raises(EnvelopeError):
+        km.decrypt_seed(*change(ct, key_id, ann))
+    assert events.events == ["hit"]
+    with pytest.raises(EnvelopeError):  # all parts match, the tag does not: a hit, then refused
+        km.decrypt_seed(ct[:-1] + bytes([ct[-1] ^ 1]), key_id, ann)
+    assert events.events == ["hit", "hit"]
+
+
+def test_a_v1beta1_blob_naming_a_cached_record_still_gets_every_check(ring: Path):
+    events = CacheEvents()
+    km = KeyManager(local.LocalBackend(ring), "local", events=events)
+    km.refresh_root()
+    blob, key_id = km.encrypt_legacy(b"p" * 40)
+    assert km.decrypt_legacy(blob) == (b"p" * 40, key_id)
+    assert events.events == ["hit"]
+    key_len = int.from_bytes(blob[1:3], "big")
+    other_key = key_id[:-1] + ("0" if key_id[-1] != "0" else "1")  # same length, other key_id
+    bad = [
+        blob[:3] + other_key.encode() + blob[3 + key_len:],
+        blob[:3 + key_len + 10],
+        b"\x02" + blob[1:],
+        b"",
+    ]
+    for each in bad:
+        with pytest.raises(EnvelopeError):
+            km.decrypt_legacy(each)
+    assert events.events == ["hit"]
+    with pytest.raises(EnvelopeError):  # all parts match, the tag does not: a hit, then refused
+        km.decrypt_legacy(blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert events.events == ["hit", "hit"]

@@ -24,23 +24,29 @@ def test_unknown_backend_names_list_the_available_ones():
     assert "local" in str(info.value)
 
 
+def _third_party_package(tmp_path: Path, package: str, cls: str, entry_name: str) -> None:
+    """An installed package (on sys.path once prepended) whose backend ``cls`` subclasses
+    LocalBackend, declared as entry point ``entry_name``."""
+    pkg = tmp_path / package
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent(f'''
+        from kms_plugin.backends.local import LocalBackend
+
+        class {cls}(LocalBackend):
+            name = "{entry_name}"
+    '''))
+    dist = tmp_path / f"{package}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        f"[kms_plugin.backends]\n{entry_name} = {package}:{cls}\n"
+    )
+
+
 def test_a_third_party_backend_is_loaded_from_its_own_entry_point(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    pkg = tmp_path / "thirdparty_kms"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent('''
-        from kms_plugin.backends.local import LocalBackend
-
-        class RenamedLocal(LocalBackend):
-            name = "renamed"
-    '''))
-    dist = tmp_path / "thirdparty_kms-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-kms\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[kms_plugin.backends]\nrenamed = thirdparty_kms:RenamedLocal\n"
-    )
+    _third_party_package(tmp_path, "thirdparty_kms", "RenamedLocal", "renamed")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "renamed" in registry.available()
     cls = registry.load_backend_class("renamed")
@@ -58,3 +64,12 @@ def test_an_entry_point_that_is_not_a_backend_is_refused(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(BackendConfigError):
         registry.load_backend_class("broken")
+
+
+def test_a_third_party_entry_point_cannot_take_a_builtin_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _third_party_package(tmp_path, "impostor_kms", "Impostor", "local")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert registry.load_backend_class("local") is LocalBackend
+    assert "impostor_kms" not in sys.modules

@@ -12,6 +12,12 @@ is the SDKs' order: environment, shared files, web identity, container, instance
   ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` (https, or http only to loopback and the ECS/EKS
   link-local hosts), with ``Authorization`` from ``AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE``
   (re-read) or ``AWS_CONTAINER_AUTHORIZATION_TOKEN``.
+* **credential_process** from the shared config file (``AWS_CONFIG_FILE``, else
+  ``~/.aws/config``; section ``[default]`` or ``[profile NAME]``): the command is split like a
+  shell would (``shlex``) and run as an argument list, never through a shell, with
+  ``PROCESS_TIMEOUT``; its stdout is the SDKs' JSON (``Version`` 1, ``AccessKeyId``,
+  ``SecretAccessKey``, optional ``SessionToken`` and ``Expiration``: without one the
+  credentials do not expire).  Its output never reaches a log line or an error message.
 * **IMDSv2** (never v1): a session token by ``PUT /latest/api/token``, then the role and its
   credentials; ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` moves it, ``AWS_EC2_METADATA_DISABLED=true``
   turns it off.
@@ -23,10 +29,14 @@ BackendUnavailable.  Secrets never reach a log line or a repr.
 
 from __future__ import annotations
 
+import configparser
 import datetime
 import http.client
 import json
 import logging
+import math
+import shlex
+import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -34,7 +44,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from kms_plugin.backends.awskms.credentials import AwsCredentials
+from kms_plugin.backends.awskms.credentials import AwsCredentials, shared_file
 from kms_plugin.backends.errors import BackendConfigError, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,8 @@ log = logging.getLogger(__name__)
 REFRESH_BEFORE = 300.0  # seconds before expiry a refresh is due
 RETRY_AFTER_FAILURE = 10.0  # seconds between refresh attempts while old credentials still serve
 HTTP_TIMEOUT = 2.0
+PROCESS_TIMEOUT = 30.0  # seconds a credential_process may take (an SSO helper may be slow)
+PROCESS_OUTPUT_MAX = 64 * 1024
 IMDS_DEFAULT = "http://169.254.169.254"
 ECS_HOST = "http://169.254.170.2"
 _CONTAINER_HTTP_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "169.254.170.2",
@@ -234,6 +246,86 @@ def container(env: Mapping[str, str]) -> RefreshingCredentials:
     return RefreshingCredentials(f"container:{parts.netloc}", fetch)
 
 
+# --- credential_process (shared config file) ----------------------------------------------
+
+
+def default_config_file(env: Mapping[str, str]) -> Path:
+    return shared_file(env, "AWS_CONFIG_FILE", "config")
+
+
+def configured_process(env: Mapping[str, str], profile: str) -> str | None:
+    """The ``credential_process`` of ``profile`` in the shared config file, or None (no file,
+    no such profile, or no credential_process in it)."""
+    path = default_config_file(env)
+    if not path.is_file():
+        return None
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        line = getattr(exc, "lineno", None)  # never the line itself: it may hold a secret
+        raise BackendConfigError(
+            f"AWS config file {path} unreadable or malformed"
+            + (f" (line {line})" if line else f" ({type(exc).__name__})")
+        ) from None
+    names = ["default", "profile default"] if profile == "default" else [f"profile {profile}"]
+    for name in names:
+        if parser.has_section(name):
+            command = parser[name].get("credential_process", "").strip()
+            return command or None
+    return None
+
+
+def credential_process(command: str, env: Mapping[str, str]) -> RefreshingCredentials:
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        raise BackendConfigError("credential_process: unbalanced quotes in the command") from None
+    if not argv:
+        raise BackendConfigError("credential_process is empty")
+    where = f"credential_process {argv[0]}"
+    child_env = dict(env)
+
+    def fetch() -> TemporaryCredentials:
+        try:
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, env=child_env,
+                timeout=PROCESS_TIMEOUT, check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BackendUnavailable(
+                f"{where} did not finish within {PROCESS_TIMEOUT:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise BackendUnavailable(f"{where} could not run ({exc.strerror})") from None
+        if done.returncode != 0:
+            raise BackendUnavailable(f"{where} exited with status {done.returncode}")
+        return _from_process_output(done.stdout, where)
+
+    return RefreshingCredentials(f"process:{argv[0]}", fetch)
+
+
+def _from_process_output(data: bytes, where: str) -> TemporaryCredentials:
+    try:
+        if len(data) > PROCESS_OUTPUT_MAX:
+            raise ValueError("too long")
+        doc = json.loads(data)
+        if doc.get("Version") != 1:
+            raise BackendUnavailable(f"{where}: output Version is not 1")
+        creds = AwsCredentials(
+            str(doc["AccessKeyId"]), str(doc["SecretAccessKey"]),
+            str(doc["SessionToken"]) if doc.get("SessionToken") else None, source="process",
+        )
+        expiration = doc.get("Expiration")
+        expires = _parse_time(str(expiration), where) if expiration else math.inf
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BackendUnavailable(f"{where}: malformed output (not the SDKs' JSON)") from None
+    if not creds.access_key_id or not creds.secret_access_key:
+        raise BackendUnavailable(f"{where}: empty credentials")
+    return TemporaryCredentials(creds, expires)
+
+
 # --- IMDSv2 -------------------------------------------------------------------------------
 
 
@@ -263,10 +355,14 @@ def metadata_disabled(env: Mapping[str, str]) -> bool:
 
 
 __all__ = [
+    "PROCESS_TIMEOUT",
     "REFRESH_BEFORE",
     "RefreshingCredentials",
     "TemporaryCredentials",
+    "configured_process",
     "container",
+    "credential_process",
+    "default_config_file",
     "instance_metadata",
     "metadata_disabled",
     "web_identity",

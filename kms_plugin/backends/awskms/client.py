@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_common.version import VERSION
+from edge_common.version import project_version
 from kms_plugin.backends.awskms import sigv4
 from kms_plugin.backends.awskms.breaker import CircuitBreaker
 from kms_plugin.backends.awskms.credentials import CredentialsProvider
@@ -389,7 +389,7 @@ class KmsClient:
         )
         headers = dict(signed.headers)
         headers["Content-Length"] = str(len(body))
-        headers["User-Agent"] = f"edge-kms-plugin/{VERSION}"
+        headers["User-Agent"] = f"edge-kms-plugin/{project_version()}"
         return headers
 
     def _attempt(

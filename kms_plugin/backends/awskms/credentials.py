@@ -9,11 +9,14 @@ The order is the one the AWS SDKs use:
    else ``~/.aws/credentials``), section ``profile`` (option, ``AWS_PROFILE``, else
    ``default``).  The file is re-read when its modification time changes, so credentials
    rotated on disk are picked up without a restart;
-4. web identity (IRSA), 5. container credentials, 6. IMDSv2: temporary credentials refreshed
+4. ``credential_process`` of that profile in the shared config file (``AWS_CONFIG_FILE``, else
+   ``~/.aws/config``), when there is no credentials file;
+5. web identity (IRSA), 6. container credentials, 7. IMDSv2: temporary credentials refreshed
    before they expire (:mod:`kms_plugin.backends.awskms.chain`).
 
-SSO and credential_process are not implemented.  The KMS endpoint must be https; plain
-``http://`` is accepted only for loopback hosts unless ``allow_http`` says otherwise.
+SSO is not implemented (an SSO helper can be run as credential_process).  The KMS endpoint
+must be https; plain ``http://`` is accepted only for loopback hosts unless ``allow_http`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -116,12 +119,17 @@ def read_credentials_file(path: Path, profile: str) -> AwsCredentials:
     return AwsCredentials(access, secret, token, source=f"file:{path} [{profile}]")
 
 
-def default_credentials_file(env: Mapping[str, str]) -> Path:
-    explicit = env.get("AWS_SHARED_CREDENTIALS_FILE")
+def shared_file(env: Mapping[str, str], variable: str, name: str) -> Path:
+    """An AWS shared file: the path in ``variable``, else ``~/.aws/<name>``."""
+    explicit = env.get(variable)
     if explicit:
         return Path(explicit).expanduser()
     home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".aws" / "credentials"
+    return Path(home) / ".aws" / name
+
+
+def default_credentials_file(env: Mapping[str, str]) -> Path:
+    return shared_file(env, "AWS_SHARED_CREDENTIALS_FILE", "credentials")
 
 
 def resolve_credentials(
@@ -168,6 +176,9 @@ def resolve_credentials(
     )
     chosen_profile = profile or environ.get("AWS_PROFILE") or "default"
     if not path.exists():
+        process = _process_source(environ, chosen_profile) if not credentials_file else None
+        if process is not None:
+            return process  # type: ignore[return-value]  # same get() / source
         if credentials_file or profile:
             raise BackendConfigError(f"AWS shared credentials file {path} does not exist")
         temporary = _temporary_source(environ, region)
@@ -182,6 +193,15 @@ def resolve_credentials(
     provider = CredentialsProvider(credentials_file=path, profile=chosen_profile)
     provider.get()  # validate now: a wrong profile is a startup error, not a runtime one
     return provider
+
+
+def _process_source(environ: Mapping[str, str], profile: str) -> object | None:
+    """credential_process of the profile in the shared config file (after the credentials
+    file, before web identity, as in the SDKs' chain), or None."""
+    from kms_plugin.backends.awskms import chain
+
+    command = chain.configured_process(environ, profile)
+    return chain.credential_process(command, environ) if command else None
 
 
 def _temporary_source(environ: Mapping[str, str], region: str) -> object | None:
