@@ -6,6 +6,8 @@ csi-local-lvm-encrypted; the base install has none of it (it must start without 
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 from csi_lvm import cryptsetup
 from csi_lvm.config import CsiConfig
-from csi_lvm.encryption import CTX_ENCRYPTED, CTX_KEY_BACKEND
+from csi_lvm.encryption import CTX_ENCRYPTED, CTX_KEY_BACKEND, dm_crypt_problem
 from csi_lvm.params import parse_volume_params
 from csi_lvm.volume_keys import BackendsFile, KeyBackends, parse_backends
 from tests.deploy.commands import our_config
@@ -154,6 +156,13 @@ def test_cryptsetup_in_the_plugin_sees_the_hosts_dev_mapper_and_locks_without_ho
     locks = resolve(ds, plugin, "/run/cryptsetup/L_253:0")
     assert locks is not None and locks.kind == "hostPath" and locks.where == \
         "/run/cryptsetup/L_253:0"
+    # dm_crypt_problem() looks for the host kernel's dm-crypt module (the image has none):
+    # without the host's modules a node whose dm_crypt is not loaded yet refuses every volume
+    module = "/lib/modules/6.1.0-1-amd64/kernel/drivers/md/dm-crypt.ko"
+    assert inspect.signature(dm_crypt_problem).parameters["modules_root"].default == \
+        Path("/lib/modules")
+    seen = resolve(ds, plugin, module)
+    assert seen is not None and seen.kind == "hostPath" and seen.where == module
     assert cryptsetup.Cryptsetup().binary == "cryptsetup"  # the image's, no nsenter prefix
     assert cryptsetup._ENV.get("DM_DISABLE_UDEV") == "1", (
         "cryptsetup would wait on a udev cookie the host's udevd cannot see from this IPC "

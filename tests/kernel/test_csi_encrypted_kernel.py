@@ -297,6 +297,42 @@ def test_copies_still_open_and_read_back_after_their_source_is_crypto_erased(
     assert elab.owned_lvs() == []
 
 
+#: docs/operations.md "Encrypted volumes", step 3: the host LVM's filter for the mappings
+CRYPT_FILTER = 'devices { global_filter = [ "r|^/dev/mapper/csi-crypt-|" ] }'
+
+
+def pv_names(*config: str) -> set[str]:
+    out = run(["lvm", "pvs", "--reportformat", "json", "-o", "pv_name", *config],
+              timeout=120).stdout_text
+    return {pv["pv_name"] for report in json.loads(out)["report"] for pv in report["pv"]}
+
+
+def test_a_pv_label_a_tenant_writes_inside_is_hidden_from_lvm_by_the_documented_filter(
+        elab: ELab) -> None:
+    """LVM skips LVs but scans dm-crypt mappings: a tenant's PV label inside an open
+    encrypted volume is seen by the host's LVM unless the node's filter rejects the mapping
+    (under every name it has: /dev/mapper/..., /dev/dm-N)."""
+    d = elab.driver
+    kind = KINDS[2]
+    vol = d.create("enc-tenant-pv", kind.size, [kind.cap], encrypted="true",
+                   **kind.parameters())
+    target = elab.target("tenant-pv")
+    d.publish(vol, target, kind.cap)
+    mapping = f"/dev/mapper/{mapper_name(vol.volume_id)}"
+    dm_name = f"/dev/{os.path.basename(os.path.realpath(mapping))}"
+    # what the tenant can write through its device (LVM itself writes the label here)
+    run(["lvm", "pvcreate", "--yes", mapping], timeout=120)
+    try:
+        seen = pv_names()
+        assert seen & {mapping, dm_name}, f"LVM does not see the tenant's PV: {seen}"
+        hidden = pv_names("--config", CRYPT_FILTER)
+        assert not hidden & {mapping, dm_name}, hidden
+    finally:
+        run(["lvm", "pvremove", "--yes", mapping], timeout=120, check=False)
+    d.unpublish(vol.volume_id, target)
+    d.delete(vol.volume_id)
+
+
 def test_rotation_rewraps_an_open_volume_and_an_unreachable_backend_is_unavailable(
         elab: ELab) -> None:
     d = elab.driver

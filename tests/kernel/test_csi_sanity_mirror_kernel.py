@@ -13,8 +13,6 @@ keyring backend, and RPC timeouts for an emulated CPU.
 
 from __future__ import annotations
 
-import contextlib
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,59 +20,32 @@ from typing import Any
 import pytest
 
 from edge_common.lvm import Lvm
-from kms_plugin.backends import local
 from tests.csi import sanity_harness
-from tests.csi.conftest import make_config
-from tests.csi.sanity_harness import TEST_VOLUME_SIZE, MountDir, Resources
+from tests.csi.sanity_harness import Resources
 from tests.csi.test_sanity_mirror import *  # noqa: F403  (the checks themselves)
 from tests.csi.test_sanity_mirror import Endpoint, Suite
-from tests.kernel.conftest import scrub_disks
-from tests.rigs.lvm import unique_vg_name
+from tests.kernel.sanity_guest import RPC_TIMEOUT, sanity_config
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(900)]
 
-RPC_TIMEOUT = 300.0
 
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # type: ignore[no-redef]  # replaces the host module's
 def suite(kernel_disk_paths: list[str], lvm: Lvm,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
-    keys = tmp_path_factory.mktemp("mirror-keys")
-    local.keygen(keys / "keyring.json", "sanity")
-    (keys / "backends.yaml").write_text(
-        f"backends:\n  node:\n    type: local\n    keyring: {keys / 'keyring.json'}\n")
-    disks = kernel_disk_paths[:2]
-    scrub_disks(lvm, disks)
-    vg, other = unique_vg_name("mirror"), unique_vg_name("mirror")
-    lvm.vgcreate(vg, disks[:1])
-    lvm.vgcreate(other, disks[1:2])
-    sock_dir = Path(f"/tmp/kmir-{secrets.token_hex(4)}")
-    sock_dir.mkdir()
-    config = make_config(vg, sock_dir, default_volume_size=TEST_VOLUME_SIZE,
-                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other],
-                         data_job_wait_seconds=RPC_TIMEOUT,
-                         encryption_backends_file=str(keys / "backends.yaml"))
-    sanity_harness.TEST_VOLUME_PARAMETERS["encrypted"] = "true"
-    s = Suite(Endpoint.start(config), lvm, vg, other, sock_dir)
-    try:
-        yield s
-    finally:
-        sanity_harness.TEST_VOLUME_PARAMETERS.clear()
-        s.ep.stop()
-        for p in sock_dir.iterdir():
-            p.unlink()
-        sock_dir.rmdir()
-        with contextlib.suppress(Exception):
-            lvm.command("vgremove", "--yes", "--force", "--", vg, other)
-        scrub_disks(lvm, disks)
+    with sanity_config(lvm, kernel_disk_paths, tmp_path_factory.mktemp("mirror-keys"),
+                       encrypted=True) as (config, vg, other):
+        s = Suite(Endpoint.start(config), lvm, vg, other, Path(config.endpoint[7:]).parent,
+                  rpc_timeout=RPC_TIMEOUT)
+        try:
+            yield s
+        finally:
+            s.ep.stop()
 
 
-@pytest.fixture
-def r(suite: Suite, mount_dir: MountDir) -> Iterator[Resources]:
-    """The host module's `r`, with the guest's RPC timeout; and every volume it made was
-    encrypted (a check that silently made plain volumes would prove nothing here)."""
-    res = Resources(suite.ep.controller, suite.ep.node, mount_dir.target, timeout=RPC_TIMEOUT)
-    create = res.create_volume
+@pytest.fixture(autouse=True)
+def every_volume_is_encrypted(r: Resources) -> None:
+    """A check that silently made plain volumes would prove nothing here."""
+    create = r.create_volume
 
     def create_and_check(req: Any) -> Any:
         resp = create(req)
@@ -82,11 +53,7 @@ def r(suite: Suite, mount_dir: MountDir) -> Iterator[Resources]:
             assert resp.volume.volume_context.get("encrypted") == "true", resp
         return resp
 
-    res.create_volume = create_and_check  # type: ignore[method-assign]
-    yield res
-    errors = res.cleanup()
-    assert not errors, f"resource cleanup failed: {errors}"
-    assert suite.our_lvs() == []
+    r.create_volume = create_and_check  # type: ignore[method-assign]
 
 
 def test_the_suite_runs_with_encrypted_parameters(suite: Suite) -> None:
