@@ -2,8 +2,10 @@
 
 external-provisioner (capacity tracking) calls GetCapacity for every StorageClass and node,
 continually. The cache holds one `lvm fullreport` (VGs, LVs, PVs). It is refreshed every
-`refresh_seconds` in a background thread, and marked stale by every change the driver makes;
-the next reader after a change refreshes it (once, for all concurrent readers).
+`refresh_seconds` in a background thread, and marked stale by every change the driver makes
+and by every change others make that csi_lvm.lvmwatch notices (LVM's metadata backups, block
+device events); the next fresh reader (GetCapacity) after a change refreshes it (once, for all
+concurrent readers). Nobody reading: no lvm call.
 The same report feeds the VG and thin-pool gauges at scrape time (no lvm call per scrape).
 """
 
@@ -155,6 +157,10 @@ def max_striped_size(report: LvmReport, vg: VolumeGroup, stripes: int) -> int:
     return frees[stripes - 1] * stripes
 
 
+#: In the window after a block device event a report at least this old is re-read.
+SUSPECT_MIN_AGE = 1.0
+
+
 class CapacityCache:
     def __init__(self, lvm: Lvm, refresh_seconds: float, default_ratio: float,
                  thresholds: PoolThresholds | None = None, recheck_seconds: float = 2.0) -> None:
@@ -169,6 +175,7 @@ class CapacityCache:
         self._taken = 0.0
         self._generation = 0  # bumped by invalidate()
         self._report_generation = -1
+        self._suspect_until = -math.inf  # see changed()
         self._lock = threading.Lock()  # single-flight refresh
         self._state = threading.Lock()
         self._stop = threading.Event()
@@ -200,6 +207,16 @@ class CapacityCache:
     def invalidate(self) -> None:
         with self._state:
             self._generation += 1
+
+    def changed(self, window: float = 0.0) -> None:
+        """Something outside the driver changed (or may be about to change) LVM: stale now,
+        and for `window` seconds after, a report older than SUSPECT_MIN_AGE counts as stale
+        too (a disk that just appeared is made a PV and VG moments later, with no event of
+        its own where no udev daemon runs)."""
+        with self._state:
+            self._generation += 1
+            if window > 0:
+                self._suspect_until = max(self._suspect_until, time.monotonic() + window)
 
     def on_refresh(self, listener: Callable[[LvmReport], None]) -> None:
         """Call listener(report) after every successful refresh (pool watch, events)."""
@@ -234,9 +251,13 @@ class CapacityCache:
         since), or when there is none yet."""
         with self._state:
             report = self._report
-            # Age matters only when the background refresher is late (it refreshes every period).
+            now = time.monotonic()
+            age = now - self._taken
+            # Age matters only when the background refresher is late (it refreshes every
+            # period), or in the window after a block device event (at most one read a second).
             stale = self._report_generation != self._generation or (
-                time.monotonic() - self._taken > 2 * self._refresh_seconds)
+                age > 2 * self._refresh_seconds) or (
+                now < self._suspect_until and age >= SUSPECT_MIN_AGE)
         if report is None or (fresh and stale):
             return self.refresh()
         return report

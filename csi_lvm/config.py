@@ -116,6 +116,22 @@ class CsiConfig:
         "seconds, and a flood of requests for an absent one costs one lvm call per period)",
         metavar="SECONDS",
     )
+    lvm_change_paths: list[str] = option(
+        ["/etc/lvm/backup"], help="directories LVM rewrites on every metadata change (its "
+        "metadata backups), stat()ed every lvm_change_check_seconds: a change made outside the "
+        "driver (the node agent's vgcreate/vgextend, an lvcreate) marks the capacity cache "
+        "stale, so GetCapacity shows it within seconds; where LVM runs on the host through "
+        "nsenter: /proc/1/root/etc/lvm/backup (comma-separated; empty: off)", metavar="DIR,...",
+    )
+    lvm_change_check_seconds: float = option(
+        1.0, help="how often lvm_change_paths are checked (one stat each, no LVM process); "
+        "0: never", metavar="SECONDS",
+    )
+    block_events: bool = option(
+        True, help="block device uevents (udev's, or the kernel's without a udev daemon) mark "
+        "the capacity cache stale too: GetCapacity re-reads LVM, at most once a second, for "
+        "15 s after one (a disk appearing is made a VG moments later)",
+    )
     default_volume_size: int = option(
         GIB, help="bytes given to a volume whose request has no capacity range",
         metavar="BYTES",
@@ -135,9 +151,11 @@ class CsiConfig:
         "outside the gRPC workers", metavar="N",
     )
     data_job_wait_seconds: float = option(
-        10.0, help="how long CreateVolume waits for its copy or full wipe before answering "
-        "ABORTED (pending) and letting it finish in the background; retries answer ABORTED with "
-        "the progress until it is done", metavar="SECONDS",
+        60.0, help="how long CreateVolume and DeleteVolume wait for their copy or full wipe when "
+        "the caller set no deadline (with one, they wait until 2 s before it); then they answer "
+        "ABORTED (pending) with the progress and the job finishes in the background; a retry "
+        "waits for the same job again, never a second one. At most half of grpc_workers wait at "
+        "once (one more answers ABORTED at once)", metavar="SECONDS",
     )
     clone_via_snapshot: bool = option(
         True, help="copy a thick source volume through a temporary COW snapshot so the copy is "
@@ -177,7 +195,10 @@ class CsiConfig:
     max_volumes_per_node: int = option(
         0, help="NodeGetInfo max_volumes_per_node (0: no limit)", metavar="N",
     )
-    grpc_workers: int = option(16, help="gRPC worker threads", metavar="N")
+    grpc_workers: int = option(
+        16, help="gRPC worker threads; at most half of them wait for data jobs (the rest "
+        "always serve Probe, NodePublish, NodeGetVolumeStats, ...)", metavar="N",
+    )
     socket_group: str = option(
         "", help="group owning the socket file (mode 0660 when set, else 0600)", metavar="GROUP",
     )
@@ -211,8 +232,11 @@ class CsiConfig:
                 raise ValueError(f"{what} must be above 0 and at most 100")
         if self.max_data_jobs < 1 or self.data_job_wait_seconds < 0:
             raise ValueError("max_data_jobs must be at least 1, data_job_wait_seconds >= 0")
-        if self.vg_recheck_seconds < 0:
-            raise ValueError("vg_recheck_seconds must not be negative")
+        if self.grpc_workers < 1:
+            raise ValueError("grpc_workers must be at least 1")
+        if self.vg_recheck_seconds < 0 or self.lvm_change_check_seconds < 0:
+            raise ValueError("vg_recheck_seconds and lvm_change_check_seconds must not be "
+                             "negative")
         if self.capacity_refresh_seconds <= 0 or self.lvm_timeout_seconds <= 0:
             raise ValueError("capacity_refresh_seconds and lvm_timeout_seconds must be positive")
         if self.encryption_rewrap_seconds < 0 or self.cryptsetup_timeout_seconds <= 0:

@@ -57,7 +57,7 @@ from csi_lvm.encryption import (
     is_encrypted,
 )
 from csi_lvm.facts import snapshot_is_real
-from csi_lvm.jobs import Jobs, Progress
+from csi_lvm.jobs import Caller, Jobs, Progress, max_job_waiters
 from csi_lvm.locks import Held, InFlight, thin_pool_key
 from csi_lvm.params import (
     P_WIPE,
@@ -273,7 +273,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                  encryption: VolumeEncryption | None = None) -> None:
         self.cfg = config
         self.encryption = encryption or VolumeEncryption(KeyBackends(None))
-        self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds)
+        self.jobs = jobs or Jobs(config.max_data_jobs, config.data_job_wait_seconds,
+                                 max_waiting=max_job_waiters(config))
         self.published = published  # mode controller: what the nodes publish
         self._lvm = lvm
         self._cache = cache
@@ -514,7 +515,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         lv_name = volume_lv_name(name)
         ref = LvRef(params.vg, lv_name)
         shared = [f"lv:{source_id}"] if source_id else []
-        self.jobs.check(ref.id, "create")  # its copy still running: ABORTED, never a second
+        caller = Caller.of(context)
+        # Its copy still running: wait as long as the caller does, then ABORTED; never a second.
+        self.jobs.check(ref.id, "create", caller)
         # The keys go to the background job when the fill outlasts this call (it releases
         # them when it ends); else they are released here.
         held = self.locks.take(f"volume-name:{name}", f"lv:{ref.id}", shared=shared)
@@ -528,14 +531,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self._remember(ref)
             with contextlib.ExitStack() as stack:
                 vol = self._create_volume(stack, held, request, name, ref, params, caps,
-                                          required, limit, source_kind, source_id)
+                                          required, limit, source_kind, source_id, caller)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
     def _create_volume(self, stack: contextlib.ExitStack, held: Held,
                        request: csi_pb2.CreateVolumeRequest, name: str, ref: LvRef,
                        params: VolumeParams, caps: list[csi_pb2.VolumeCapability],
                        required: int, limit: int, source_kind: str, source_id: str,
-                       ) -> csi_pb2.Volume:
+                       caller: Caller) -> csi_pb2.Volume:
         with lvm_errors("reading the volume group"):
             vg = self.cache.vg(params.vg)
         if vg is None:
@@ -656,7 +659,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if self.live and (plan.method == "copy" or plan.wipe == "full"):
             # Minutes for a large volume: a background job, not this gRPC worker.
             self.jobs.run(ref.id, "create", "copy" if plan.method == "copy" else "wipe", size, fill,
-                          held, on_failure=discard)
+                          held, on_failure=discard, caller=caller)
         else:
             try:
                 fill()
@@ -886,13 +889,14 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             ref = parse_id(request.volume_id)
         except InvalidId:
             return csi_pb2.DeleteVolumeResponse()  # cannot exist: already deleted
-        self.jobs.check(ref.id, "delete")  # its wipe still running in the background: ABORTED
+        caller = Caller.of(context)
+        self.jobs.check(ref.id, "delete", caller)  # its wipe still running: wait, or ABORTED
         held = self.locks.take(f"lv:{ref.id}")
         with held.scope(), log_context(volume_id=ref.id):
-            self._delete_volume(ref, held)
+            self._delete_volume(ref, held, caller)
         return csi_pb2.DeleteVolumeResponse()
 
-    def _delete_volume(self, ref: LvRef, held: Held) -> None:
+    def _delete_volume(self, ref: LvRef, held: Held, caller: Caller) -> None:
         if self._removed_at_once(ref):
             return
         found = self._get(ref)
@@ -923,7 +927,8 @@ class Controller(csi_pb2_grpc.ControllerServicer):
 
         if self.live and wiping and wipe == "zero" and not lv.is_thin:
             # Zeroing every extent takes minutes on a large LV: a background job.
-            self.jobs.run(ref.id, "delete", "wipe", lv.size, wipe_and_remove, held)
+            self.jobs.run(ref.id, "delete", "wipe", lv.size, wipe_and_remove, held,
+                          caller=caller)
         else:
             wipe_and_remove()
 

@@ -15,8 +15,9 @@ from csi_lvm.controller import Controller
 from csi_lvm.cryptsetup import Cryptsetup
 from csi_lvm.encryption import KeyMetrics, VolumeEncryption
 from csi_lvm.identity import Identity
-from csi_lvm.jobs import Jobs
+from csi_lvm.jobs import Jobs, max_job_waiters
 from csi_lvm.locks import InFlight
+from csi_lvm.lvmwatch import ChangeWatch
 from csi_lvm.node import NodeService
 from csi_lvm.poolwatch import PoolWatch, make_sink
 from csi_lvm.published import PublishedCapacity
@@ -61,6 +62,7 @@ class Driver:
         self.registry = registry or CollectorRegistry()
         self.lvm: Lvm | None = None
         self.cache: CapacityCache | None = None
+        self.change_watch: ChangeWatch | None = None
         self.sweep_metrics: SweepMetrics | None = None
         if config.mode is Mode.ALL:
             self.sweep_metrics = SweepMetrics(self.registry)
@@ -74,6 +76,9 @@ class Driver:
             self.pool_watch = PoolWatch(self.events, config.thin_overprovision_ratio,
                                         PoolThresholds.of(config), config.node_id)
             self.cache.on_refresh(self.pool_watch)
+            self.change_watch = ChangeWatch(self.cache, config.lvm_change_paths,
+                                            config.lvm_change_check_seconds,
+                                            config.block_events)
         self.locks = InFlight()
         self.encryption = build_encryption(config, self.registry)
         self.rewrap: RewrapLoop | None = None
@@ -82,7 +87,8 @@ class Driver:
                                      config.encryption_rewrap_seconds, self.locks)
         self.identity = Identity(config, self.lvm, self.cache)
         self.jobs = Jobs(config.max_data_jobs, config.data_job_wait_seconds,
-                         self.registry if config.mode is Mode.ALL else None)
+                         self.registry if config.mode is Mode.ALL else None,
+                         max_waiting=max_job_waiters(config))
         self.controller = Controller(config, self.lvm, self.cache, self.locks,
                                      published_capacity(config), self.jobs,
                                      encryption=self.encryption)
@@ -121,6 +127,8 @@ class Driver:
             except LvmError as exc:
                 log.warning("lvm report failed at start-up", extra={"error": exc.message})
             self.cache.start()
+        if self.change_watch is not None:
+            self.change_watch.start()
         if self.rewrap is not None:
             self.rewrap.start()
         if self.config.metrics_address:
@@ -136,14 +144,19 @@ class Driver:
     def stop(self, grace: float = 10.0) -> None:
         self.server.stop(grace)
         self._stop_encryption()
-        if self.cache is not None:
-            self.cache.stop()
+        self._stop_cache()
         if self.metrics is not None:
             self.metrics.stop()
 
     def run_until_signal(self) -> None:
         self.start()
         self.server.run_until_signal(on_stop=self._after_stop)
+
+    def _stop_cache(self) -> None:
+        if self.change_watch is not None:
+            self.change_watch.stop()
+        if self.cache is not None:
+            self.cache.stop()
 
     def _stop_encryption(self) -> None:
         if self.rewrap is not None:
@@ -152,8 +165,7 @@ class Driver:
 
     def _after_stop(self) -> None:
         self._stop_encryption()
-        if self.cache is not None:
-            self.cache.stop()
+        self._stop_cache()
         if self.metrics is not None:
             self.metrics.stop()
 

@@ -7,10 +7,12 @@ import urllib.request
 from collections.abc import Callable
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proto.csi.v1 import csi_pb2
 from tests.csi.conftest import NODE, CsiRig, MiB, code_of, create_request, mount_cap
+from tests.rigs.loopdisks import LoopDiskFactory
 from tests.rigs.lvm import VgFactory, unique_vg_name
 
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -117,11 +119,77 @@ def test_a_volume_group_built_after_start_is_usable_and_published_at_once(
 
 def test_requests_for_an_absent_vg_reread_lvm_at_most_once_per_recheck_period(
         csi_factory: Callable[..., CsiRig]) -> None:
+    # No change watch: other LVM work on this host would (rightly) make the cache stale.
     csi = csi_factory(allowed_vgs=["absent-vg-x"], capacity_refresh_seconds=3600.0,
-                      vg_recheck_seconds=3600.0)
+                      vg_recheck_seconds=3600.0, lvm_change_check_seconds=0.0,
+                      block_events=False)
     cache = csi.driver.cache  # type: ignore[union-attr]
     reads: list[int] = []
     cache.on_refresh(lambda report: reads.append(1))
     for _ in range(20):
         assert capacity(csi, parameters={"vgName": "absent-vg-x"}).available_capacity == 0
     assert len(reads) <= 1
+
+
+def _wait_for_capacity(csi: CsiRig, vg: str, wanted: Callable[[int], bool],
+                       seconds: float) -> int | None:
+    """GetCapacity of `vg` until wanted(capacity) (returns it), or None after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = capacity(csi, parameters={"vgName": vg}).available_capacity
+        if wanted(got):
+            return got
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+# The periodic refresh is an hour and a miss re-reads LVM at most once an hour in these
+# tests: only the change watch (csi_lvm.lvmwatch) can make GetCapacity see the change.
+SLOW = {"capacity_refresh_seconds": 3600.0, "vg_recheck_seconds": 3600.0}
+
+
+def test_a_vg_built_or_changed_outside_the_driver_shows_in_get_capacity_within_seconds(
+        csi_factory: Callable[..., CsiRig], vg_factory: VgFactory) -> None:
+    name = unique_vg_name("agent")
+    csi = csi_factory(allowed_vgs=[name], block_events=False, lvm_change_check_seconds=0.2,
+                      **SLOW)
+    assert capacity(csi, parameters={"vgName": name}).available_capacity == 0
+    vg = vg_factory(name=name)  # what the node agent does: vgcreate, no event here
+    size = _wait_for_capacity(csi, name, lambda c: c > 0, 10)
+    assert size is not None, "a VG built after start never showed in GetCapacity"
+    csi.lvm.lvcreate(vg.name, "outside", 8 * MiB)  # someone else takes space
+    assert _wait_for_capacity(csi, name, lambda c: c == size - 8 * MiB, 10) is not None
+    assert csi.driver is not None and csi.driver.change_watch is not None
+    assert csi.driver.change_watch.noticed >= 2
+
+
+def test_without_the_change_watch_the_same_vg_waits_for_the_periodic_refresh(
+        csi_factory: Callable[..., CsiRig], vg_factory: VgFactory) -> None:
+    # The control of the test above: it fails without the watch.
+    name = unique_vg_name("agent")
+    csi = csi_factory(allowed_vgs=[name], block_events=False, lvm_change_check_seconds=0.0,
+                      **SLOW)
+    assert capacity(csi, parameters={"vgName": name}).available_capacity == 0
+    vg_factory(name=name)
+    assert _wait_for_capacity(csi, name, lambda c: c > 0, 3) is None
+
+
+def test_a_block_device_event_makes_get_capacity_reread_lvm(
+        csi_factory: Callable[..., CsiRig], vg_factory: VgFactory,
+        loop_disks: LoopDiskFactory) -> None:
+    # Where LVM's metadata backups are not visible: a disk that appears (a uevent, the
+    # kernel's here: no udev daemon) and is added to the VG moments later, as the agent does.
+    vg = vg_factory()
+    csi = csi_factory(allowed_vgs=[vg.name], lvm_change_paths=[], **SLOW)
+    assert csi.driver is not None
+    watch = csi.driver.change_watch
+    assert watch is not None
+    if watch.event_source is None:
+        pytest.skip("no uevent netlink socket here (see the log): the stat path covers it")
+    before = capacity(csi, parameters={"vgName": vg.name}).available_capacity
+    assert before > 0
+    (disk,) = loop_disks(1)  # the uevent
+    csi.lvm.vgextend(vg.name, [disk.device])  # no event of its own without udev
+    grown = _wait_for_capacity(csi, vg.name, lambda c: c > before, 10)
+    assert grown is not None, "the new disk's uevent never made GetCapacity re-read LVM"

@@ -445,12 +445,15 @@ def _thin_accounting(csi: KernelCsi, lvm: Lvm) -> None:
 
     # Fill the pool by writes past its 90% data threshold.
     write(a.volume_id, b"\xab" * (60 * MiB))
-    csi.driver.cache.refresh()  # type: ignore[union-attr]
+    # Both services read the pool from LVM now: the capacity cache (refreshed every 30 s)
+    # still holds the pool as it was before the writes.
     got = csi.ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=a.volume_id))
     condition = got.status.volume_condition
     assert condition.abnormal and f"thin pool {csi.vg}/small" in condition.message
     found = node.volumes.lookup(a.volume_id)
     assert found is not None and found.problem is not None and "small" in found.problem
+    # GetCapacity, the gauge and the Event follow the cache's next refresh.
+    csi.driver.cache.refresh()  # type: ignore[union-attr]
     assert _capacity(csi).available_capacity == 0
     assert code(lambda: create("pvc-d", 4 * MiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     labels = {"vg": csi.vg, "pool": "small"}
@@ -506,8 +509,11 @@ def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_w
         req = create_request("pvc-big-clone", required=1024 * MiB, caps=[block_cap()])
         req.volume_content_source.volume.volume_id = src.volume_id
         with pytest.raises(grpc.RpcError) as first:
-            csi.ctl.CreateVolume(req)
-        assert first.value.code() == grpc.StatusCode.ABORTED  # pending: copying in the background
+            # It waits until 2 s before its deadline (the lvcreate before the copy takes
+            # seconds under emulation).
+            csi.ctl.CreateVolume(req, timeout=30)
+        # Pending, copying in the background: ABORTED before the deadline, not DEADLINE_EXCEEDED.
+        assert first.value.code() == grpc.StatusCode.ABORTED, first.value.details()
         probes: list[float] = []
         retries: list[str] = []
         deadline = time.monotonic() + 600
@@ -539,6 +545,58 @@ def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_w
               f"{len(retries)} retries answered ABORTED")
         delete(csi, clone.volume_id, src.volume_id)
         assert csi.ours() == {}
+    finally:
+        csi.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
+
+
+@pytest.mark.timeout(1200)
+def test_a_clone_whose_busy_source_overflows_its_cow_area_is_retried_larger_or_unavailable(
+        plain_vg: str, lvm: Lvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The VG has room for a COW area of only 24 MiB beside the 64 MiB clone; the source is
+    # written 32 MiB while it is copied (by the copy itself, just before it reads: no race).
+    from csi_lvm import blockdev
+
+    sock_dir = Path(f"/tmp/kcsi-{secrets.token_hex(4)}")
+    sock_dir.mkdir()
+    csi = KernelCsi(plain_vg, lvm, sock_dir)
+    real_copy = blockdev.copy
+    busy: dict[str, Any] = {"calls": 0, "free_room": False}
+    try:
+        src = csi.ctl.CreateVolume(create_request("pvc-busy-src", required=64 * MiB,
+                                                  caps=[block_cap()]), timeout=600).volume
+        write(src.volume_id, PATTERN_A, 0)
+        vg = lvm.get_vg(plain_vg)
+        assert vg is not None
+        lvm.lvcreate(plain_vg, "filler", vg.free - 64 * MiB - 24 * MiB, activate=False)
+
+        def copy(*args: Any, **kwargs: Any) -> Any:
+            busy["calls"] += 1
+            if busy["calls"] == 1:  # the first copy of each CreateVolume
+                write(src.volume_id, PATTERN_B * (32 * MiB // len(PATTERN_B)), 0)
+                if busy["free_room"]:
+                    lvm.lvremove(plain_vg, "filler")
+            return real_copy(*args, **kwargs)
+
+        monkeypatch.setattr(blockdev, "copy", copy)
+        req = create_request("pvc-busy-clone", required=64 * MiB, caps=[block_cap()])
+        req.volume_content_source.volume.volume_id = src.volume_id
+        # No room for a larger COW area: UNAVAILABLE (retry later), nothing left behind.
+        with pytest.raises(grpc.RpcError) as info:
+            csi.ctl.CreateVolume(req, timeout=600)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert "copy-on-write" in (info.value.details() or "")
+        assert set(csi.ours()) == {"pvc-busy-src"}
+        # Room appears (the filler goes while the first copy runs): the retry of the copy with
+        # a larger COW area succeeds, and the clone is the source as it was then.
+        busy.update(calls=0, free_room=True)
+        clone = csi.ctl.CreateVolume(req, timeout=600).volume
+        assert busy["calls"] == 2  # the overflowed copy and the larger retry
+        assert read(clone.volume_id, len(PATTERN_B)) == PATTERN_B
+        assert set(csi.ours()) == {"pvc-busy-src", "pvc-busy-clone"}
+        delete(csi, clone.volume_id, src.volume_id)
     finally:
         csi.close()
         for p in sock_dir.iterdir():
