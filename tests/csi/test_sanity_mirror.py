@@ -111,6 +111,7 @@ class Suite:
     vg: str  # the default VG: 2 PVs of DISK
     other_vg: str  # a second VG the driver may also use (vgName)
     sock_dir: Path
+    rpc_timeout: float = 60.0  # per call of csi-sanity's bookkeeping (Resources)
 
     @property
     def owner(self) -> str:
@@ -164,7 +165,8 @@ def mount_dir(tmp_path: Path) -> Iterator[MountDir]:
 def r(suite: Suite, mount_dir: MountDir) -> Iterator[Resources]:
     """csi-sanity's per-check Resources: whatever the check created is cleaned up after it,
     and a failing cleanup fails the check. The VG must then hold nothing of ours."""
-    res = Resources(suite.ep.controller, suite.ep.node, mount_dir.target)
+    res = Resources(suite.ep.controller, suite.ep.node, mount_dir.target,
+                    timeout=suite.rpc_timeout)
     yield res
     errors = res.cleanup()
     assert not errors, f"resource cleanup failed: {errors}"

@@ -89,7 +89,8 @@ def block(name: str) -> Block:
 # The blocks the tests below run or check (kept in step with the docs by the first tests).
 EXECUTED = {"import-containerd", "ctr-kms", "rotate-stage", "rotate-promote", "nrm-dry-run",
             "enc-read-first", "enc-write", "enc-read-first-again", "overlay-storage",
-            "overlay-kms", "kubeadm-config", "k3s-config", "rke2-config"}
+            "overlay-kms", "kubeadm-config", "k3s-config", "rke2-config", "csi-enc-keygen",
+            "csi-enc-backends"}
 
 
 # ------------------------------------------------------------------------------ the marks
@@ -239,6 +240,58 @@ def test_registry_overlay_blocks_rewrite_every_container_of_ours(
                                                                         "Deployment")
               for c in containers(w) if c.get("command")}
     assert images == {REGISTRY_IMAGE}
+
+
+def test_encrypted_volume_keygen_block_makes_the_key_the_secret_and_configmap_use(
+    kubectl: str, tmp_path: Path
+) -> None:
+    """The keygen block, then the Secret block's key name, then a wrap and unwrap through
+    the driver's backend layer with the ConfigMap's backends.yaml (its path into the Secret
+    mapped onto the file made here, at the Secret's mode)."""
+    from csi_lvm.volume_keys import KeyBackends, new_volume_secret, parse_backends
+    from tests.deploy.test_encryption_deploy import OVERLAY, SECRET, shipped_backends
+
+    run_block(block("csi-enc-keygen").body, cwd=tmp_path, etc=tmp_path)
+    ring = tmp_path / "csi-lvm" / "keyring.json"
+    assert stat.S_IMODE(ring.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    (secret_block,) = [b for b in all_blocks() if f"secret generic {SECRET}" in b.body]
+    m = re.search(r"--from-file=([\w.-]+)=/etc/csi-lvm/keyring\.json", secret_block.body)
+    assert m, secret_block.body
+    text, spec = shipped_backends(render(OVERLAY))
+    keyring = spec.backends[spec.default].options["keyring"]
+    assert keyring == f"/etc/csi-lvm/keys/{m.group(1)}", "the Secret's key is not the file named"
+    ring.chmod(0o400)  # the Secret volume's defaultMode
+    local = parse_backends(yaml.safe_load(text.replace(str(keyring), str(ring))))
+    backends = KeyBackends(local)
+    secret = new_volume_secret()
+    uuid = "0f5e5f1c-51f4-4fd3-9f0e-0d5c8a6d2b1e"
+    try:
+        wrapped = backends.wrap(spec.default, secret, uuid)
+        assert backends.unwrap(wrapped, uuid) == secret
+    finally:
+        backends.close()
+
+
+def test_encrypted_volume_backends_block_parses_and_puts_every_file_in_its_place(
+    kubectl: str,
+) -> None:
+    from csi_lvm.volume_keys import parse_backends
+    from tests.deploy.test_encryption_deploy import (
+        OVERLAY,
+        misplaced,
+        plugin_of,
+        shipped_backends,
+    )
+
+    documented = parse_backends(yaml.safe_load(block("csi-enc-backends").body))
+    assert {b.type for b in documented.backends.values()} == {"local", "pkcs11", "awskms"}
+    objs = render(OVERLAY)
+    ds, plugin = plugin_of(objs)
+    assert misplaced(ds, plugin, documented) == []
+    _, shipped = shipped_backends(objs)  # what the ConfigMap ships is the documented default
+    assert shipped.default == documented.default
+    assert shipped.backends[shipped.default] == documented.backends[documented.default]
 
 
 def kms_socket_dir(kms: tuple[dict, ...]) -> str:

@@ -246,6 +246,93 @@ def test_encrypted_volume_lifecycle(elab: ELab, kind: Kind) -> None:
             assert needle not in data
 
 
+def volume_source(volume_id: str) -> Any:
+    return csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=volume_id))
+
+
+FAMILY_KINDS = [KINDS[1], KINDS[2]]  # thin filesystem (thin snapshot), thick raw block
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS, ids=[k.label for k in FAMILY_KINDS])
+def test_copies_still_open_and_read_back_after_their_source_is_crypto_erased(
+        elab: ELab, kind: Kind) -> None:
+    """A clone (and, for thin, a snapshot and a restore made from it after the source is
+    gone) shares its source's data key but holds its own header, key slot and token: the
+    source's crypto-erase must not touch them."""
+    d = elab.driver
+    block = not kind.fs_type
+    src = d.create(f"fam-src-{kind.label}", kind.size, [kind.cap], encrypted="true",
+                   **kind.parameters())
+    target = elab.target(f"fam-src-{kind.label}")
+    d.publish(src, target, kind.cap)
+    marker = secrets.token_hex(32).encode() * 4
+    write_marker(target, block, marker)
+    d.unpublish(src.volume_id, target)
+    snap = d.snapshot(f"fam-snap-{kind.label}", src.volume_id) if kind.lvm_type == "thin" \
+        else None
+    clone = d.create(f"fam-clone-{kind.label}", kind.size, [kind.cap],
+                     source=volume_source(src.volume_id), **kind.parameters())
+    assert clone.volume_context["encrypted"] == "true"
+    src_token = token_of(f"/dev/{src.volume_id}")
+
+    d.delete(src.volume_id)  # crypto-erase of the source: its header is zeroed
+    assert src.volume_id not in [f"{lv.vg_name}/{lv.name}" for lv in elab.owned_lvs()]
+
+    copies = [clone]
+    if snap is not None:
+        copies.append(d.create(f"fam-restore-{kind.label}", kind.size, [kind.cap],
+                               source=snapshot_source(snap.snapshot_id), **kind.parameters()))
+    for copy in copies:
+        lv_dev = f"/dev/{copy.volume_id}"
+        assert device_read(lv_dev, 0, 6) == LUKS_MAGIC, f"{copy.volume_id} lost its header"
+        assert token_of(lv_dev) == src_token  # its own copy of the source's token
+        copy_target = elab.target(f"fam-{copy.volume_id.replace('/', '-')}")
+        d.publish(copy, copy_target, kind.cap)
+        read_marker(copy_target, block, marker)
+        d.unpublish(copy.volume_id, copy_target)
+        d.delete(copy.volume_id)
+    if snap is not None:
+        d.delete_snapshot(snap.snapshot_id)
+    assert elab.owned_lvs() == []
+
+
+#: docs/operations.md "Encrypted volumes", step 3: the host LVM's filter for the mappings
+CRYPT_FILTER = 'devices { global_filter = [ "r|^/dev/mapper/csi-crypt-|" ] }'
+
+
+def pv_names(*config: str) -> set[str]:
+    out = run(["lvm", "pvs", "--reportformat", "json", "-o", "pv_name", *config],
+              timeout=120).stdout_text
+    return {pv["pv_name"] for report in json.loads(out)["report"] for pv in report["pv"]}
+
+
+def test_a_pv_label_a_tenant_writes_inside_is_hidden_from_lvm_by_the_documented_filter(
+        elab: ELab) -> None:
+    """LVM skips LVs but scans dm-crypt mappings: a tenant's PV label inside an open
+    encrypted volume is seen by the host's LVM unless the node's filter rejects the mapping
+    (under every name it has: /dev/mapper/..., /dev/dm-N)."""
+    d = elab.driver
+    kind = KINDS[2]
+    vol = d.create("enc-tenant-pv", kind.size, [kind.cap], encrypted="true",
+                   **kind.parameters())
+    target = elab.target("tenant-pv")
+    d.publish(vol, target, kind.cap)
+    mapping = f"/dev/mapper/{mapper_name(vol.volume_id)}"
+    dm_name = f"/dev/{os.path.basename(os.path.realpath(mapping))}"
+    # what the tenant can write through its device (LVM itself writes the label here)
+    run(["lvm", "pvcreate", "--yes", mapping], timeout=120)
+    try:
+        seen = pv_names()
+        assert seen & {mapping, dm_name}, f"LVM does not see the tenant's PV: {seen}"
+        hidden = pv_names("--config", CRYPT_FILTER)
+        assert not hidden & {mapping, dm_name}, hidden
+    finally:
+        run(["lvm", "pvremove", "--yes", mapping], timeout=120, check=False)
+    d.unpublish(vol.volume_id, target)
+    d.delete(vol.volume_id)
+
+
 def test_rotation_rewraps_an_open_volume_and_an_unreachable_backend_is_unavailable(
         elab: ELab) -> None:
     d = elab.driver

@@ -18,9 +18,7 @@ with `encrypted: "true"` in every CreateVolume's parameters (csi-sanity's
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +32,7 @@ from csi_lvm.server import Driver
 from edge_common.lvm import Lvm
 from edge_common.server import unix_channel
 from edge_proto.csi.v1 import csi_pb2, csi_pb2_grpc
-from kms_plugin.backends import local
 from tests.csi import sanity_harness
-from tests.csi.conftest import make_config
 from tests.csi.sanity_harness import (
     IDEMPOTENT_COUNT,
     MAX_NAME_LENGTH,
@@ -53,14 +49,12 @@ from tests.csi.sanity_harness import (
     unique_string_with_length,
     volume_capability,
 )
-from tests.kernel.conftest import scrub_disks
-from tests.rigs.lvm import unique_vg_name
+from tests.kernel.sanity_guest import RPC_TIMEOUT, sanity_config
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(600)]
 
 Code = grpc.StatusCode
 Usage = csi_pb2.VolumeUsage
-RPC_TIMEOUT = 300.0
 
 
 @dataclass
@@ -88,46 +82,18 @@ class Guest:
 @pytest.fixture(scope="module", params=["plain", "encrypted"])
 def guest(request: pytest.FixtureRequest, kernel_disk_paths: list[str], lvm: Lvm,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    encrypted = request.param == "encrypted"
-    extra: dict[str, Any] = {}
-    if encrypted:
-        keys = tmp_path_factory.mktemp("sanity-keys")
-        local.keygen(keys / "keyring.json", "sanity")
-        (keys / "backends.yaml").write_text(
-            f"backends:\n  node:\n    type: local\n    keyring: {keys / 'keyring.json'}\n")
-        extra["encryption_backends_file"] = str(keys / "backends.yaml")
-        sanity_harness.TEST_VOLUME_PARAMETERS["encrypted"] = "true"
-    disks = kernel_disk_paths[:2]
-    scrub_disks(lvm, disks)
-    vg, other = unique_vg_name("sanity"), unique_vg_name("sanity")
-    lvm.vgcreate(vg, disks[:1])
-    lvm.vgcreate(other, disks[1:2])
-    sock_dir = Path(f"/tmp/ksan-{secrets.token_hex(4)}")
-    sock_dir.mkdir()
-    config = make_config(vg, sock_dir, default_volume_size=TEST_VOLUME_SIZE,
-                         lvm_timeout_seconds=RPC_TIMEOUT, allowed_vgs=[other],
-                         # csi-sanity calls CreateVolume once: a clone's copy (seconds under
-                         # emulation) must finish inside that call, not answer ABORTED. The
-                         # driver waits until shortly before the call's deadline (RPC_TIMEOUT),
-                         # whatever it waits for callers without one.
-                         data_job_wait_seconds=0.0, **extra)
-    driver = Driver(config)
-    driver.start()
-    channel = unix_channel(config.endpoint)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=60)
-        yield Guest(lvm, vg, other, driver, channel,
-                    f"csi-lvm.edge.io/owner={config.driver_name}")
-    finally:
-        sanity_harness.TEST_VOLUME_PARAMETERS.clear()
-        channel.close()
-        driver.stop(grace=1)
-        for p in sock_dir.iterdir():
-            p.unlink()
-        sock_dir.rmdir()
-        with contextlib.suppress(Exception):
-            lvm.command("vgremove", "--yes", "--force", "--", vg, other)
-        scrub_disks(lvm, disks)
+    with sanity_config(lvm, kernel_disk_paths, tmp_path_factory.mktemp("sanity-keys"),
+                       encrypted=request.param == "encrypted") as (config, vg, other):
+        driver = Driver(config)
+        driver.start()
+        channel = unix_channel(config.endpoint)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            yield Guest(lvm, vg, other, driver, channel,
+                        f"csi-lvm.edge.io/owner={config.driver_name}")
+        finally:
+            channel.close()
+            driver.stop(grace=1)
 
 
 @pytest.fixture
