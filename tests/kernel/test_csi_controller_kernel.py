@@ -130,6 +130,36 @@ def restore(csi: KernelCsi, name: str, *, snapshot_id: str = "", volume_id: str 
     return create_until_done(csi.ctl, req)
 
 
+def _dm_names(vg: str, lv_part: str) -> list[str]:
+    """device-mapper names of vg's LVs whose name contains lv_part ('-' doubled in dm names)."""
+    out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    prefix = vg.replace("-", "--") + "-"
+    want = lv_part.replace("-", "--")
+    return [line.split()[0] for line in out.splitlines()
+            if line.startswith(prefix) and want in line.split()[0]
+            and "tmp" not in line.split()[0]]
+
+
+def suspend_when_it_appears(vg: str, lv_part: str, done: threading.Event,
+                            copying: Any) -> None:
+    """Suspend the device of an LV named like lv_part once copying() says its copy runs (its
+    lvcreates are over: nothing of LVM's waits on it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        names = _dm_names(vg, lv_part) if copying() else []
+        if names:
+            subprocess.run(["dmsetup", "suspend", names[0]], timeout=60, check=True)
+            done.set()
+            return
+        time.sleep(0.05)
+
+
+def resume_all(vg: str, lv_part: str) -> None:
+    for name in _dm_names(vg, lv_part):
+        subprocess.run(["dmsetup", "resume", name], timeout=60, check=True)
+
+
 def create_until_done(ctl: csi_pb2_grpc.ControllerStub, req: Any, timeout: float = 600) -> Any:
     """CreateVolume as csi-provisioner calls it: ABORTED (a copy or wipe still running in the
     background) is retried until the volume is there."""
@@ -508,10 +538,29 @@ def test_a_1gib_clone_copies_in_the_background_while_probe_answers_and_retries_w
         write(src.volume_id, PATTERN_B, 1024 * MiB - len(PATTERN_B))
         req = create_request("pvc-big-clone", required=1024 * MiB, caps=[block_cap()])
         req.volume_content_source.volume.volume_id = src.volume_id
-        with pytest.raises(grpc.RpcError) as first:
-            # It waits until 2 s before its deadline (the lvcreate before the copy takes
-            # seconds under emulation).
-            csi.ctl.CreateVolume(req, timeout=30)
+        # How fast 1 GiB copies under emulation depends on the host's load (from under 30 s to
+        # minutes), so the copy is held deterministically: its target device is suspended as
+        # soon as it appears (writes queue in device-mapper) and resumed after the first answer.
+        stalled = threading.Event()
+
+        def copying() -> bool:
+            running = csi.driver.registry.get_sample_value("csi_lvm_data_jobs",
+                                                           {"state": "running"})
+            return running == 1
+
+        holder = threading.Thread(target=suspend_when_it_appears,
+                                  args=(plain_vg, "pvc-big-clone", stalled, copying),
+                                  daemon=True)
+        holder.start()
+        try:
+            with pytest.raises(grpc.RpcError) as first:
+                # It waits until 2 s before its deadline (the lvcreate before the copy takes
+                # seconds under emulation).
+                csi.ctl.CreateVolume(req, timeout=30)
+        finally:
+            holder.join(timeout=60)
+            assert stalled.is_set(), "the clone's device never appeared to be held"
+            resume_all(plain_vg, "pvc-big-clone")
         # Pending, copying in the background: ABORTED before the deadline, not DEADLINE_EXCEEDED.
         assert first.value.code() == grpc.StatusCode.ABORTED, first.value.details()
         probes: list[float] = []
